@@ -1,0 +1,33 @@
+# Fresh-machine entry points: `make test` and `make demo` create .venv and install what they need.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow lint demo clean
+
+$(STAMP): setup.py constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	# never install transformer-engine on a CPU box: it breaks `import megatron.core`
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check megatron_metis kernels tools tests
+	$(BIN)/lint-imports
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/demo_conversion.py --out-dir runs/demo
+
+clean:
+	rm -rf $(VENV) *.egg-info runs

@@ -1,0 +1,29 @@
+"""Typed config tree (``MetisConfig``) loaded from YAML recipes with dotted overrides."""
+
+from megatron_metis.config.data import DataConfig
+from megatron_metis.config.engine import (
+    CheckpointConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    RunConfig,
+)
+from megatron_metis.config.loader import ConfigError
+from megatron_metis.config.rewards import RewardConfig
+from megatron_metis.config.schema import MetisConfig, load_config, save_resolved_config
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "MetisConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RewardConfig",
+    "RunConfig",
+    "load_config",
+    "save_resolved_config",
+]

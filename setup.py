@@ -1,0 +1,49 @@
+"""megatron_metis: a Megatron-Core trainer for the Metis-RISE recipe (RL, then targeted SFT).
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed
+as ``megatron_metis.kernels``: a PyPI package called ``kernels`` exists and transformers probes
+for it, so a top-level ``kernels`` package would shadow it.
+"""
+
+from setuptools import find_packages, setup
+
+_PACKAGES = find_packages(include=["megatron_metis", "megatron_metis.*"])
+_KERNEL_PACKAGES = ["megatron_metis.kernels"] + [
+    "megatron_metis.kernels." + name[len("kernels.") :]
+    for name in find_packages(include=["kernels.*"])
+]
+
+setup(
+    name="megatron_metis",
+    version="0.1.0",
+    description="Metis-RISE (RL incentivizes, SFT enhances) for vision-language models on Megatron-Core",
+    python_requires=">=3.11",
+    packages=_PACKAGES + _KERNEL_PACKAGES,
+    package_dir={"megatron_metis.kernels": "kernels"},
+    package_data={"megatron_metis": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.13",
+        # 0.17+ declares Python >=3.12; NGC containers ship newer releases. The code is kept
+        # working across the whole range.
+        "megatron-core>=0.16.1,<0.20",
+        "transformers>=5.16.1,<6",
+        "tokenizers",
+        "safetensors",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "pyarrow",
+        "math-verify[antlr4_13_2]>=0.9",
+        "sympy",
+        "tensorboard",
+        "tqdm",
+        "rich",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "triton"],
+    },
+    entry_points={"console_scripts": ["metis = megatron_metis.cli.main:main"]},
+)
