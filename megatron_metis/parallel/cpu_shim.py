@@ -1,0 +1,52 @@
+"""The one place where Megatron-Core 0.16+ is taught to run on a CPU (gloo, local layers).
+
+Megatron-Core calls ``torch.cuda.current_device()`` and allocates on ``device="cuda"`` in a few
+hard-wired places (RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules
+and p2p communication). Each site and why it is patched is listed in
+``shared/research/deps-megatron.md`` section 3. The shim is applied only when the run's device is
+the CPU, once per process, and is never needed on GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_APPLIED = {"done": False}
+
+
+class _CpuTorchProxy:
+    """Stands in for the ``torch`` global of the pipeline-schedule module: ``zeros(device="cuda")``
+    becomes a CPU allocation, everything else is forwarded to torch."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def zeros(self, *args, device=None, **kwargs):
+        if device is not None and str(device).startswith("cuda"):
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _causal_mask(sq: int, skv: int | None = None) -> torch.Tensor:
+    """Megatron's default causal mask (True = masked), built on the CPU."""
+    skv = sq if skv is None else skv
+    return torch.triu(torch.ones(sq, skv, dtype=torch.bool), diagonal=skv - sq + 1)
+
+
+def apply_cpu_shim() -> None:
+    """Patch the CUDA-only call sites of Megatron-Core so it runs on the CPU. Idempotent."""
+    if _APPLIED["done"]:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the Megatron CPU shim must not be applied on a machine with CUDA")
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.transformer.utils as transformer_utils
+
+    transformer_utils.get_default_causal_mask = _causal_mask
+    fused_softmax.get_default_causal_mask = _causal_mask
+    schedules.torch = _CpuTorchProxy()
+    _APPLIED["done"] = True
