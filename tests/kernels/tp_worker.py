@@ -1,0 +1,97 @@
+"""Body of one gloo rank of the TP=2 tests (imported by spawned processes).
+
+Each rank holds half of the padded vocabulary (1016 rows, 1007 valid: rank 1 holds 499 valid
+rows and 9 padding rows) and checks its results against the single-process full-vocabulary
+reference, with the tolerances of ``fused_logprob_cases.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from fused_logprob_cases import (
+    TEMPERATURE,
+    VOCAB,
+    assert_grads_close,
+    assert_values_close,
+    leaves,
+    make_case,
+    surrogate,
+)
+from megatron_metis.kernels.fused_logprob import (
+    fused_grpo_loss,
+    fused_linear_logprob,
+    grpo_loss_ref,
+    linear_logprob_ref,
+)
+
+
+def _check_logprob(impl: str, rank: int, reduce_grad_hidden: bool) -> None:
+    case = make_case()
+    rows = case.weight_VH.shape[0] // 2
+    hidden_TH, weight_VH = leaves(case)
+    ref = linear_logprob_ref(
+        hidden_TH, weight_VH, case.targets_T, temperature=TEMPERATURE, vocab_size=VOCAB,
+        compute_entropy=True,
+    )  # fmt: skip
+    grad_hidden_ref, grad_weight_ref = torch.autograd.grad(
+        surrogate(case, *ref), (hidden_TH, weight_VH)
+    )
+    hidden_TH = case.hidden_TH.clone().requires_grad_()
+    shard_VH = case.weight_VH[rank * rows : (rank + 1) * rows].clone().requires_grad_()
+    out = fused_linear_logprob(
+        hidden_TH, shard_VH, case.targets_T, temperature=TEMPERATURE, tp_group=dist.group.WORLD,
+        vocab_size=VOCAB, compute_entropy=True, chunk_size=16, impl=impl,
+        reduce_grad_hidden=reduce_grad_hidden,
+    )  # fmt: skip
+    grad_hidden, grad_shard = torch.autograd.grad(surrogate(case, *out), (hidden_TH, shard_VH))
+    assert_values_close(out[0], ref[0], torch.float32)
+    assert_values_close(out[1], ref[1], torch.float32)
+    if not reduce_grad_hidden:
+        dist.all_reduce(grad_hidden)
+    assert_grads_close(grad_hidden, grad_hidden_ref, torch.float32)
+    assert_grads_close(grad_shard, grad_weight_ref[rank * rows : (rank + 1) * rows], torch.float32)
+
+
+def _check_grpo(impl: str, rank: int) -> None:
+    case = make_case()
+    rows = case.weight_VH.shape[0] // 2
+    kwargs = dict(
+        loss_agg="seq_mean", num_global_seqs=4.0, temperature=TEMPERATURE, vocab_size=VOCAB
+    )
+    hidden_TH, weight_VH = leaves(case)
+    loss_ref = grpo_loss_ref(
+        hidden_TH, weight_VH, case.targets_T, case.old_logprobs_T, case.advantages_T,
+        case.mask_T, seq_ids_T=case.seq_ids_T, **kwargs,
+    )  # fmt: skip
+    grad_hidden_ref, grad_weight_ref = torch.autograd.grad(loss_ref, (hidden_TH, weight_VH))
+    hidden_TH = case.hidden_TH.clone().requires_grad_()
+    shard_VH = case.weight_VH[rank * rows : (rank + 1) * rows].clone().requires_grad_()
+    loss, _ = fused_grpo_loss(
+        hidden_TH, shard_VH, case.targets_T, case.old_logprobs_T, case.advantages_T, case.mask_T,
+        cu_seqlens=case.cu_seqlens, tp_group=dist.group.WORLD, impl=impl, **kwargs,
+    )  # fmt: skip
+    grad_hidden, grad_shard = torch.autograd.grad(loss, (hidden_TH, shard_VH))
+    assert_values_close(loss, loss_ref, torch.float32)
+    assert_grads_close(grad_hidden, grad_hidden_ref, torch.float32)
+    assert_grads_close(grad_shard, grad_weight_ref[rank * rows : (rank + 1) * rows], torch.float32)
+
+
+def run_rank(rank: int, world_size: int, port: int, impl: str) -> None:
+    """Entry point of ``torch.multiprocessing.start_processes``."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        _check_logprob(impl, rank, reduce_grad_hidden=True)
+        _check_logprob(impl, rank, reduce_grad_hidden=False)
+        _check_grpo(impl, rank)
+    finally:
+        dist.destroy_process_group()
