@@ -28,6 +28,8 @@ class ParallelConfig:
     """``auto``: CUDA when available, else the CPU (gloo, local Megatron layers, CPU shim)."""
     timeout_s: int = 600
     """Collective timeout; keeps a hung rank from hanging the job forever."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (TP > 1, Transformer Engine layers only)."""
 
     def validate(self) -> None:
         for key in ("tp", "pp", "cp"):

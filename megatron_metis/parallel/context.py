@@ -33,6 +33,7 @@ class ParallelContext:
     pp_rank: int
     cp_rank: int
     dp_rank: int
+    sequence_parallel: bool
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     cp_group: dist.ProcessGroup
@@ -100,6 +101,8 @@ def init_parallel(
             f"world size {env.world_size} is not divisible by parallel.tp*pp*cp = {model_parallel}"
         )
     device = resolve_device(cfg, env.local_rank)
+    if cfg.sequence_parallel and device.type == "cpu":
+        raise ConfigError("parallel.sequence_parallel needs Transformer Engine layers on a GPU")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cpu":
         from megatron_metis.parallel.cpu_shim import apply_cpu_shim
@@ -147,6 +150,7 @@ def _init_model_parallel(
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         cp_rank=ps.get_context_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        sequence_parallel=cfg.sequence_parallel and cfg.tp > 1,
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         cp_group=ps.get_context_parallel_group(),

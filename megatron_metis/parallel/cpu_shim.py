@@ -1,8 +1,8 @@
 """The one place where Megatron-Core 0.16+ is taught to run on a CPU (gloo, local layers).
 
 Megatron-Core calls ``torch.cuda.current_device()`` and allocates on ``device="cuda"`` in a few
-hard-wired places (RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules
-and p2p communication). Each site and why it is patched is listed in
+hard-wired places (RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules,
+p2p communication, and the tied-embedding sync of pipelined models). Each site and why it is patched is listed in
 ``shared/research/deps-megatron.md`` section 3. The shim is applied only when the run's device is
 the CPU, once per process, and is never needed on GPU.
 """
@@ -41,6 +41,9 @@ def apply_cpu_shim() -> None:
         raise RuntimeError("the Megatron CPU shim must not be applied on a machine with CUDA")
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    # LanguageModule.setup_embeddings_and_output_layer moves the tied output weight with
+    # `.cuda()` before its first-stage/last-stage all-reduce (tied embeddings with PP > 1).
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.pipeline_parallel.schedules as schedules

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -31,7 +32,9 @@ def _worker(rank: int, fn, world_size: int, port: int, args: tuple, results) -> 
         MASTER_PORT=str(port),
     )
     try:
-        results.put((rank, True, fn(*args)))
+        # Plain pickle bytes: torch's queue reductions share tensors through file descriptors,
+        # which break once this process has exited.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -61,7 +64,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
                 rank, ok, value = results.get()
                 if not ok:
                     raise WorkerError(f"rank {rank} failed:\n{value}")
-                outputs[rank] = value
+                outputs[rank] = pickle.loads(value)
             dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if dead and results.empty():
                 raise WorkerError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}")
