@@ -30,6 +30,9 @@ class RewardConfig:
     """Most responses sent to a worker at once."""
     max_answer_chars: int = 1000
     """An extracted answer longer than this scores 0 without being parsed."""
+    max_answer_depth: int = 16
+    """An extracted answer with deeper bracket nesting scores 0 without being parsed (deeply
+    nested LaTeX costs math-verify seconds and is never a real answer)."""
     gold_cache_size: int = 4096
     """Parsed gold answers kept per worker (LRU)."""
 
@@ -44,6 +47,6 @@ class RewardConfig:
                 raise ConfigError(f"rewards.{key} must be > 0, got {getattr(self, key)}")
         if self.kill_grace_s < 0:
             raise ConfigError(f"rewards.kill_grace_s must be >= 0, got {self.kill_grace_s}")
-        for key in ("chunk_size", "max_answer_chars", "gold_cache_size"):
+        for key in ("chunk_size", "max_answer_chars", "max_answer_depth", "gold_cache_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rewards.{key} must be >= 1, got {getattr(self, key)}")

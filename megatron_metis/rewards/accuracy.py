@@ -12,6 +12,7 @@ from megatron_metis.rewards.fastpath import GoldPlan, decide, plan_gold
 from megatron_metis.rewards.verifier import GoldCache, Verdict, verify_answer
 
 DEFAULT_MAX_ANSWER_CHARS = 1000
+DEFAULT_MAX_ANSWER_DEPTH = 16
 DEFAULT_TIMEOUT_S = 3.0
 
 
@@ -20,7 +21,7 @@ class Route(enum.Enum):
 
     FAST_PATH = "fast_path"
     NO_ANSWER = "no_answer"
-    TOO_LONG = "too_long"
+    TOO_COMPLEX = "too_complex"
     GOLD_UNPARSEABLE = "gold_unparseable"
     VERIFIER = "verifier"
 
@@ -46,21 +47,35 @@ def prejudge(
     *,
     choices: Sequence[str] | None = None,
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+    max_answer_depth: int = DEFAULT_MAX_ANSWER_DEPTH,
 ) -> Prejudged:
-    """Everything short of math-verify: answer extraction, length guard, exact fast paths."""
+    """Everything short of math-verify: answer extraction, size guards, exact fast paths."""
     plan = cached_plan(gold)
     if plan.kind == "empty":
         return Prejudged(route=Route.GOLD_UNPARSEABLE, verdict=Verdict.GOLD_UNPARSEABLE)
     candidate = extract_candidate(response)
     if candidate is None:
         return Prejudged(route=Route.NO_ANSWER, verdict=Verdict.WRONG)
-    if len(candidate.text) > max_answer_chars:
-        return Prejudged(route=Route.TOO_LONG, verdict=Verdict.WRONG)
+    too_deep = _nesting_depth(candidate.text) > max_answer_depth
+    if len(candidate.text) > max_answer_chars or too_deep:
+        return Prejudged(route=Route.TOO_COMPLEX, verdict=Verdict.WRONG)
     decided = decide(plan, candidate.text, choices)
     if decided is not None:
         verdict = Verdict.CORRECT if decided else Verdict.WRONG
         return Prejudged(route=Route.FAST_PATH, verdict=verdict)
     return Prejudged(route=Route.VERIFIER, candidate=candidate)
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest nesting of brackets of any kind (``[1,3)`` counts as depth 1)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "})]":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def accuracy_reward(
@@ -70,6 +85,7 @@ def accuracy_reward(
     choices: Sequence[str] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+    max_answer_depth: int = DEFAULT_MAX_ANSWER_DEPTH,
 ) -> float:
     """1.0 when the response's answer matches the gold ``answer``, else 0.0.
 
@@ -85,8 +101,15 @@ def accuracy_reward(
         choices: texts of the choices A, B, ... of a multiple-choice problem, if any.
         timeout_s: math-verify budget (whole seconds, rounded up).
         max_answer_chars: longer extracted answers score 0 unparsed.
+        max_answer_depth: answers with deeper bracket nesting score 0 unparsed.
     """
-    pre = prejudge(response, answer, choices=choices, max_answer_chars=max_answer_chars)
+    pre = prejudge(
+        response,
+        answer,
+        choices=choices,
+        max_answer_chars=max_answer_chars,
+        max_answer_depth=max_answer_depth,
+    )
     if pre.verdict is not None:
         return 1.0 if pre.verdict is Verdict.CORRECT else 0.0
     assert pre.candidate is not None

@@ -43,7 +43,7 @@ class ScoreBatch:
         accuracy: 0/1 accuracy rewards.
         format: 0/1 format rewards.
         metrics: counters (``n_fast_path``, ``n_verifier``, ``n_timeout``,
-            ``n_verifier_error``, ``n_gold_unparseable``, ``n_no_answer``, ``n_too_long``,
+            ``n_verifier_error``, ``n_gold_unparseable``, ``n_no_answer``, ``n_too_complex``,
             ``n_worker_restarts``...), means and ``seconds``.
     """
 
@@ -137,6 +137,7 @@ class RewardScorer:
                 gold,
                 choices=None if choices is None else choices[i],
                 max_answer_chars=self._cfg.max_answer_chars,
+                max_answer_depth=self._cfg.max_answer_depth,
             )
             counts[f"n_{pre.route.value}"] += 1
             if pre.candidate is not None:
@@ -169,7 +170,13 @@ class RewardScorer:
             "reward_mean": sum(rewards) / n,
             "seconds": seconds,
         }
-        for key in ("n_fast_path", "n_verifier", "n_verifier_unique", "n_no_answer", "n_too_long"):
+        for key in (
+            "n_fast_path",
+            "n_verifier",
+            "n_verifier_unique",
+            "n_no_answer",
+            "n_too_complex",
+        ):
             metrics[key] = float(counts[key])
         for key in _VERDICT_COUNTERS.values():
             metrics[key] = float(counts[key])
