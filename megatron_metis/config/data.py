@@ -25,7 +25,8 @@ class DataConfig:
     """Dataset files (JSONL or Parquet) in the project's problem format."""
     test_files: list[str] = field(default_factory=list)
     system_prompt: str = METIS_SYSTEM_PROMPT
-    """System turn of every prompt; an empty string leaves the system turn out."""
+    """System turn of every prompt; with an empty string the chat template adds its default one
+    (Qwen2.5-VL: "You are a helpful assistant.")."""
     max_prompt_tokens: int = 1024
     """A prompt (system + user turn + image tokens) longer than this is a bad row."""
     on_bad_row: Literal["error", "skip"] = "error"
