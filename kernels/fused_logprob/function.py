@@ -138,6 +138,9 @@ class LinearLogprobFunction(torch.autograd.Function):
         if spec.reduce_grad_hidden and spec.tp_group is not None:
             grad_hidden_TH = grad_hidden_TH.contiguous()
             dist.all_reduce(grad_hidden_TH, group=spec.tp_group)
-        grad_weight_VH = torch.zeros_like(weight_VH)
-        grad_weight_VH[: spec.num_valid_rows] = grad_valid_VH
+        if grad_valid_VH.shape == weight_VH.shape:
+            grad_weight_VH = grad_valid_VH.to(weight_VH.dtype)
+        else:
+            grad_weight_VH = torch.zeros_like(weight_VH)
+            grad_weight_VH[: spec.num_valid_rows] = grad_valid_VH
         return grad_hidden_TH.to(hidden_TH.dtype), grad_weight_VH, None, None, None
