@@ -1,4 +1,7 @@
-"""The benchmark script runs, and chunked uses several times less memory than naive."""
+"""The benchmark runs; chunked needs >= 5x less memory than naive (T=4096, V=50000, H=256).
+
+Smaller sizes are dominated by allocator noise (145-295 MiB chunked peaks at T=2048, V=32000).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ def _rows(output: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_bench_chunked_memory_and_values() -> None:
-    cmd = [sys.executable, str(_BENCH), "--T", "2048", "--V", "32000", "--H", "256"]
+    cmd = [sys.executable, str(_BENCH), "--T", "4096", "--V", "50000", "--H", "256"]
     cmd += ["--impl", "naive", "chunked", "--chunk-size", "256", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     rows = _rows(proc.stdout)
     ratio = float(re.sub("x$", "", rows["chunked"][2]))
-    assert ratio >= 4.0, proc.stdout  # measured 5.5x
+    assert ratio >= 5.0, proc.stdout  # measured 12x (2390 vs 200 MiB)
     assert all(float(d) <= 1e-5 for d in rows["chunked"][4:]), proc.stdout
