@@ -36,6 +36,7 @@ setup(
         "pyarrow",
         "math-verify[antlr4_13_2]>=0.9",
         "sympy",
+        "psutil",  # megatron.core.dist_checkpointing writers need it
         "tensorboard",
         "tqdm",
         "rich",

@@ -51,7 +51,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
     results = ctx.SimpleQueue()
     port = find_free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, fn, world_size, port, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, fn, world_size, port, args, results))
         for rank in range(world_size)
     ]
     for proc in procs:

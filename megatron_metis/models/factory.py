@@ -1,0 +1,44 @@
+"""Build the engine model for a Hugging Face checkpoint folder, whatever its model family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_metis.config import ConfigError, ModelConfig
+from megatron_metis.models.arch import Qwen2Arch
+from megatron_metis.models.qwen2 import build_qwen2_model
+from megatron_metis.parallel import ParallelContext
+
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json in {hf_dir}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from err
+
+
+def model_type_of(hf_config: dict, source: str | Path) -> str:
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    return model_type
+
+
+def build_model(
+    hf_config: dict, ctx: ParallelContext, cfg: ModelConfig, *, source: str | Path = "config"
+) -> tuple[torch.nn.Module, Qwen2Arch]:
+    """This rank's shard of the model described by ``hf_config`` (randomly initialised)."""
+    model_type_of(hf_config, source)
+    arch = Qwen2Arch.from_hf_dict(hf_config)
+    return build_qwen2_model(arch, ctx, cfg), arch
