@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_metis.checkpoint.dist_ckpt import load_model_checkpoint, save_model_checkpoint
+from megatron_metis.checkpoint.dist_ckpt import (
+    load_model_checkpoint,
+    read_checkpoint_meta,
+    save_model_checkpoint,
+)
 from megatron_metis.checkpoint.hf_convert import load_hf_weights, save_hf_checkpoint
 from megatron_metis.config import ModelConfig
 from megatron_metis.models.factory import build_model, read_hf_config
@@ -34,6 +38,7 @@ def megatron_to_hf(
     Config, tokenizer and generation files come from the checkpoint's ``hf_config/``, so
     transformers and vLLM load ``out_dir`` directly.
     """
+    read_checkpoint_meta(ckpt_dir)  # a clear error if this is not a complete checkpoint
     hf_config_dir = Path(ckpt_dir) / "hf_config"
     model, arch = build_model(read_hf_config(hf_config_dir), ctx, cfg, source=hf_config_dir)
     load_model_checkpoint(model, ctx, ckpt_dir, arch=arch)
