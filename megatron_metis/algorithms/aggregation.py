@@ -70,10 +70,12 @@ def local_loss_normalisers(
     """``(valid tokens, sequences with a valid token)`` of one micro-batch.
 
     Sum these over the micro-batches and data-parallel ranks of the batch (an all-reduce)
-    to get ``num_global_tokens`` and ``num_global_seqs``.
+    to get ``num_global_tokens`` and ``num_global_seqs``. A flat ``[T]`` mask without
+    ``seq_ids`` is one sequence.
     """
     mask = mask.bool()
-    if mask.dim() == 2 and seq_ids is None:
-        return int(mask.sum()), int(mask.any(dim=1).sum())
+    if seq_ids is None:
+        rows = mask if mask.dim() == 2 else mask.reshape(1, -1)
+        return int(mask.sum()), int(rows.any(dim=1).sum())
     ids = _seq_ids(mask, seq_ids)
     return int(mask.sum()), int(torch.unique(ids[mask]).numel())
