@@ -24,10 +24,9 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check megatron_metis kernels tools tests
-	$(BIN)/lint-imports
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/demo_conversion.py --out-dir runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/demo.py --out-dir runs/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info runs

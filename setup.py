@@ -44,7 +44,7 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "triton"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "triton"],
     },
     entry_points={"console_scripts": ["metis = megatron_metis.cli.main:main"]},
 )

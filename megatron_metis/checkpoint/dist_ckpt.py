@@ -80,7 +80,9 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     """The metadata of a complete checkpoint; raises ``CheckpointError`` if it is not one."""
     path = Path(ckpt_dir) / META_NAME
     if not path.exists():
-        raise CheckpointError(f"{ckpt_dir} is not a complete megatron_metis checkpoint (no {META_NAME})")
+        raise CheckpointError(
+            f"{ckpt_dir} is not a complete megatron_metis checkpoint (no {META_NAME})"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')}")

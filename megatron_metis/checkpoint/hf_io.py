@@ -121,7 +121,9 @@ class AtomicDir:
         if self.target.exists() and not overwrite:
             raise CheckpointError(f"{self.target} already exists (pass overwrite to replace it)")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.path = Path(
+            tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent)
+        )
 
     def commit(self) -> Path:
         if self.target.exists():

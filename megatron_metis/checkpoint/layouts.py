@@ -65,7 +65,7 @@ class SplitColumns(Layout):
 
 
 class VocabRows(Layout):
-    """Embedding / output layer: rows of the vocab padded to ``padded_vocab_size``, split by rank."""
+    """Embedding / output layer: vocab rows padded to ``padded_vocab_size``, split by rank."""
 
     hf_split_dim = 0
 

@@ -60,7 +60,11 @@ LAYER_RULES = (
         mcore=(_L + "self_attention.linear_qkv.weight",),
         hf=tuple(_H + f"self_attn.{x}_proj.weight" for x in "qkv"),
         layout=layouts.FUSED_QKV,
-        hf_shapes=lambda a: ((_q(a), a.hidden_size), (_kv(a), a.hidden_size), (_kv(a), a.hidden_size)),
+        hf_shapes=lambda a: (
+            (_q(a), a.hidden_size),
+            (_kv(a), a.hidden_size),
+            (_kv(a), a.hidden_size),
+        ),
         where="layer",
     ),
     WeightRule(
@@ -142,7 +146,7 @@ def language_model_rules(arch: Qwen2Arch) -> list[tuple[WeightRule, int | None]]
 
 
 def detect_hf_prefix(names: list[str]) -> str:
-    """``model.`` (Qwen2, Qwen2.5-VL release files) or ``model.language_model.`` (transformers 5)."""
+    """``model.`` (Qwen2, Qwen2.5-VL release files) or ``model.language_model.`` (HF 5)."""
     if any(n.startswith("model.language_model.") for n in names):
         return "model.language_model."
     return "model."

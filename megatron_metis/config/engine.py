@@ -1,4 +1,4 @@
-"""Config sections of the training engine: run, parallel layout, model, optimizer, checkpoints, logs."""
+"""Config sections of the engine: run, parallel layout, model, optimizer, checkpoints, logs."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class ParallelConfig:
 @dataclass(kw_only=True, frozen=True)
 class ModelConfig:
     hf_dir: str = ""
-    """Hugging Face checkpoint folder (config.json, safetensors, tokenizer) the model starts from."""
+    """HF checkpoint folder (config.json, safetensors, tokenizer) the model starts from."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter and compute dtype of the policy."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -53,12 +53,18 @@ class ModelConfig:
     """Embedding rows are padded to a multiple of lcm(this, tp); a TP-independent value keeps
     checkpoints loadable at another TP size."""
     recompute_activations: bool = False
+    freeze_vision_tower: bool = False
+    """Qwen2.5-VL: no gradients for the ViT (patch embedding and blocks)."""
+    freeze_merger: bool = False
+    """Qwen2.5-VL: no gradients for the patch merger (the projection into the decoder)."""
 
     def validate(self) -> None:
         if self.make_vocab_size_divisible_by < 1:
             raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
         if self.fp8 != "none" and self.transformer_impl == "local":
-            raise ConfigError("model.fp8 needs model.transformer_impl 'auto' or 'transformer_engine'")
+            raise ConfigError(
+                "model.fp8 needs model.transformer_impl 'auto' or 'transformer_engine'"
+            )
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -1,4 +1,4 @@
-"""Distributed layout: ``ParallelContext`` (TP/PP/CP/DP groups), launchers, the Megatron CPU shim."""
+"""Distributed layout: ``ParallelContext`` (TP/PP/CP/DP groups), launchers, Megatron CPU shim."""
 
 from megatron_metis.parallel.context import ParallelContext, init_parallel, single_process_context
 from megatron_metis.parallel.env import DistributedEnv, detect_distributed_env

@@ -1,13 +1,15 @@
 """The one place where Megatron-Core 0.16+ is taught to run on a CPU (gloo, local layers).
 
 Megatron-Core calls ``torch.cuda.current_device()`` and allocates on ``device="cuda"`` in a few
-hard-wired places (RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules,
-p2p communication, and the tied-embedding sync of pipelined models). Each site and why it is patched is listed in
-``shared/research/deps-megatron.md`` section 3. The shim is applied only when the run's device is
-the CPU, once per process, and is never needed on GPU.
+hard-wired places: RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules,
+p2p communication, and the tied-embedding sync of pipelined models. Each site and why it is
+patched is listed in ``shared/research/deps-megatron.md`` section 3. The shim is applied only
+when the run's device is the CPU, once per process, and is never needed on GPU.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -39,6 +41,9 @@ def apply_cpu_shim() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("the Megatron CPU shim must not be applied on a machine with CUDA")
+    # "Transformer Engine / Apex not installed, falling back" and friends: expected on a CPU.
+    warnings.filterwarnings("ignore", module=r"megatron\.core")
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     # LanguageModule.setup_embeddings_and_output_layer moves the tied output weight with

@@ -38,10 +38,14 @@ def _grads(model, ctx, arch, ids, divisible_by: int):
     w_local = w[..., ctx.tp_rank * per_rank : (ctx.tp_rank + 1) * per_rank]
     microbatches = [
         (
-            {"input_ids": i, "position_ids": torch.arange(SEQ).expand_as(i), "attention_mask": None},
+            {
+                "input_ids": i,
+                "position_ids": torch.arange(SEQ).expand_as(i),
+                "attention_mask": None,
+            },
             {"w": wl},
         )
-        for i, wl in zip(ids.chunk(2), w_local.chunk(2))
+        for i, wl in zip(ids.chunk(2), w_local.chunk(2), strict=True)
     ]
     model.zero_grad(set_to_none=True)
     run_pipeline(
@@ -79,7 +83,9 @@ def layout_worker(
         load_hf_weights(model, ctx, arch, hf_dir)
         ids = batch_ids(arch.vocab_size)
         result = {
-            "logits": forward_logits(model, ctx, ids, vocab_size=arch.vocab_size, num_microbatches=2),
+            "logits": forward_logits(
+                model, ctx, ids, vocab_size=arch.vocab_size, num_microbatches=2
+            ),
             "exported": {k: v.clone() for k, v in export_hf_weights(model, ctx, arch)},
             "grads": _grads(model, ctx, arch, ids, divisible_by),
         }

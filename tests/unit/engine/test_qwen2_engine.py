@@ -32,7 +32,12 @@ def hf_models(tmp_path_factory):
         (logits * w).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         files = load_file(str(root / tag / "model.safetensors"))
-        models[tag] = {"dir": str(root / tag), "logits": logits.detach(), "grads": grads, "files": files}
+        models[tag] = {
+            "dir": str(root / tag),
+            "logits": logits.detach(),
+            "grads": grads,
+            "files": files,
+        }
     return models
 
 

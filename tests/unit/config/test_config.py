@@ -1,0 +1,68 @@
+"""The typed config tree: strict keys and types, overrides, base recipes, resolved dump."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from megatron_metis.config import ConfigError, MetisConfig, load_config, save_resolved_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["parallel.tp=2", "optimizer.lr=1e-5", "model.dtype=float32"])
+    assert isinstance(cfg, MetisConfig)
+    assert cfg.parallel.tp == 2 and cfg.parallel.pp == 1
+    assert cfg.optimizer.lr == pytest.approx(1e-5)
+    assert cfg.model.dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("parallel.tpp=2", "unknown config key(s): parallel.tpp"),
+        ("nosuchsection.x=1", "unknown config key(s): nosuchsection"),
+        ("parallel.tp=two", "parallel.tp: expected an integer, got 'two'"),
+        ("parallel.tp=true", "parallel.tp: expected an integer"),
+        ("model.dtype=fp64", "model.dtype: 'fp64' is not one of"),
+        ("optimizer.lr=-1", "optimizer.lr must be > 0"),
+        ("parallel.tp=0", "parallel.tp must be >= 1"),
+        ("parallel=3", "parallel: expected a mapping"),
+        ("notanoverride", "is not of the form section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_recipe_with_base_and_resolved_dump_round_trips(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({"parallel": {"tp": 2, "pp": 2}, "optimizer": {"lr": 3e-6}})
+    )
+    (tmp_path / "recipe.yaml").write_text(
+        yaml.safe_dump({"base": "base.yaml", "parallel": {"pp": 1}, "run": {"name": "x"}})
+    )
+    cfg = load_config(tmp_path / "recipe.yaml", ["optimizer.warmup_steps=5"])
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.optimizer.lr) == (2, 1, 3e-6)
+    assert cfg.run.name == "x" and cfg.optimizer.warmup_steps == 5
+    path = save_resolved_config(cfg, tmp_path / "out")
+    assert load_config(path) == cfg
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parallel: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optimizer:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="optimizer.learning_rate"):
+        load_config(unknown)
+
+
+def test_fp8_cannot_be_combined_with_local_layers():
+    with pytest.raises(ConfigError, match="model.fp8 needs"):
+        load_config(None, ["model.fp8=e4m3", "model.transformer_impl=local"])
