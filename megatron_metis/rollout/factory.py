@@ -1,0 +1,30 @@
+"""``build_rollout_engine``: the rollout backend chosen by ``RolloutConfig.backend``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_metis.config.rl import RolloutConfig
+from megatron_metis.rollout.engine import RolloutEngine
+
+
+def build_rollout_engine(
+    cfg: RolloutConfig, hf_dir: str | Path, *, device: str | torch.device = "cpu"
+) -> RolloutEngine:
+    """The engine for ``cfg.backend``, built from the HF folder ``hf_dir``.
+
+    ``hf``: ``HFRolloutEngine`` on ``device`` (random weights when the folder has no
+    safetensors: the first weight stream fills them). ``vllm``: ``VLLMRolloutEngine``
+    (imports vLLM; ``torch.distributed`` must already be initialised).
+    """
+    if cfg.backend == "hf":
+        from megatron_metis.rollout.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine.from_pretrained(hf_dir, cfg, device=device)
+    if cfg.backend == "vllm":
+        from megatron_metis.rollout.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(cfg, hf_dir)
+    raise ValueError(f"unknown rollout backend {cfg.backend!r}")

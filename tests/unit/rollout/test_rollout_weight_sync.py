@@ -1,0 +1,142 @@
+"""Weight streaming: bounded buckets, the engine then holds the trainer's weights; a corrupted
+bucket is caught by the checksum and by the log-prob probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from megatron_metis.rollout.engine import TensorChecksum, tensor_checksum
+from megatron_metis.rollout.hf_engine import HFRolloutEngine
+from megatron_metis.rollout.weight_sync import (
+    WeightSyncError,
+    check_logprobs,
+    iter_buckets,
+    stream_weights,
+)
+
+BUCKET = 16 * 1024
+
+
+class CorruptingEngine:
+    """Fault injection: passes everything to ``inner`` but perturbs one tensor it loads."""
+
+    def __init__(self, inner: HFRolloutEngine, target: str) -> None:
+        self.inner, self.target = inner, target
+        self.weight_dtype = inner.weight_dtype
+
+    def load_weights(self, named_tensors):
+        self.inner.load_weights((n, t + 1e-3 if n == self.target else t) for n, t in named_tensors)
+
+    def checksum(self, names) -> list[TensorChecksum]:
+        return self.inner.checksum(names)
+
+
+def _probe(tok) -> list[int]:
+    msgs = [{"role": "user", "content": "Compute 3 + 4."}, {"role": "assistant", "content": "7"}]
+    return tok.apply_chat_template(msgs)["input_ids"]
+
+
+def _trainer_logprobs(model, seq) -> torch.Tensor:
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+
+
+def _stream(model):
+    """What the trainer streams: (HF name, full tensor), one at a time."""
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.detach().clone()
+
+
+def test_iter_buckets_bounds_the_bucket_size():
+    sizes = [10, 20, 30, 100, 5, 5]  # fp32 elements -> 4 bytes each
+    stream = ((f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes))
+    buckets = [[name for name, _ in b] for b in iter_buckets(stream, bucket_bytes=160)]
+    assert buckets == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]  # t3 (400 B) goes alone
+
+
+def test_stream_then_engine_logprobs_equal_the_trainers(tiny_tokenizer, tiny_model_factory):
+    engine = HFRolloutEngine(tiny_model_factory(0), tiny_tokenizer)
+    trainer_model = tiny_model_factory(1)
+    seq = _probe(tiny_tokenizer)
+    before = engine.score([seq])[0]
+    assert (before - _trainer_logprobs(trainer_model, seq)).abs().max() > 0.1
+
+    report = stream_weights(_stream(trainer_model), engine, bucket_bytes=BUCKET, verify="checksum")
+    n_tensors = len(trainer_model.state_dict())
+    assert report.num_tensors == n_tensors and report.num_buckets >= 5
+    embed_bytes = trainer_model.model.embed_tokens.weight.numel() * 4
+    assert report.max_bucket_bytes == embed_bytes  # > BUCKET: the only oversize bucket
+
+    after = engine.score([seq])[0]
+    torch.testing.assert_close(after, _trainer_logprobs(trainer_model, seq), rtol=0, atol=1e-6)
+    assert check_logprobs(_trainer_logprobs(trainer_model, seq), after, atol=1e-6) <= 1e-6
+
+
+def test_corrupted_bucket_is_caught_by_checksum(tiny_tokenizer, tiny_model_factory):
+    target = "model.layers.1.mlp.down_proj.weight"
+    engine = CorruptingEngine(HFRolloutEngine(tiny_model_factory(0), tiny_tokenizer), target)
+    with pytest.raises(WeightSyncError, match=r"bucket \d+, tensor 'model\.layers\.1\.mlp"):
+        stream_weights(_stream(tiny_model_factory(1)), engine, bucket_bytes=BUCKET)
+
+
+def test_corrupted_weights_are_caught_by_the_logprob_probe(tiny_tokenizer, tiny_model_factory):
+    inner = HFRolloutEngine(tiny_model_factory(0), tiny_tokenizer)
+    engine = CorruptingEngine(inner, "model.norm.weight")
+    trainer_model = tiny_model_factory(1)
+    stream_weights(_stream(trainer_model), engine, bucket_bytes=BUCKET, verify="none")
+    seq = _probe(tiny_tokenizer)
+    with pytest.raises(WeightSyncError, match="log-probs differ"):
+        check_logprobs(_trainer_logprobs(trainer_model, seq), inner.score([seq])[0], atol=1e-5)
+
+
+def test_checksum_sees_a_transposed_or_shifted_tensor():
+    t = torch.arange(12.0).reshape(3, 4)
+    ref = tensor_checksum("w", t)
+    assert ref.matches(tensor_checksum("w", t.clone()))
+    assert not ref.matches(tensor_checksum("w", t.flip(0)))  # same sum and sum of squares
+    assert not ref.matches(tensor_checksum("w", t.T.contiguous()))
+
+
+def test_unknown_name_or_shape_is_rejected(tiny_tokenizer, tiny_model_factory):
+    engine = HFRolloutEngine(tiny_model_factory(0), tiny_tokenizer)
+    with pytest.raises(KeyError, match="no weight named 'model.nope'"):
+        engine.load_weights([("model.nope", torch.zeros(1))])
+    with pytest.raises(ValueError, match="does not match"):
+        engine.load_weights([("model.norm.weight", torch.zeros(3))])
+
+
+def test_vl_release_names_reach_the_transformers5_modules(tiny_tokenizer):
+    text = dict(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
+    )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    engine = HFRolloutEngine(Qwen2_5_VLForConditionalGeneration(config), tiny_tokenizer)
+    names = [
+        "model.layers.0.self_attn.q_proj.weight",  # release layout
+        "visual.blocks.0.attn.qkv.weight",
+        "lm_head.weight",
+        "model.language_model.norm.weight",  # transformers-5 layout
+    ]
+    params = dict(engine.model.named_parameters(remove_duplicate=False))
+    internal = [
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.visual.blocks.0.attn.qkv.weight",
+        "lm_head.weight",
+        "model.language_model.norm.weight",
+    ]
+    new = [torch.full_like(params[n], 0.5) for n in internal]
+    engine.load_weights(zip(names, new, strict=True))
+    for n in internal:
+        assert torch.all(params[n] == 0.5), n
+    assert [c.name for c in engine.checksum(names)] == names
