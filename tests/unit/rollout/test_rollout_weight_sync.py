@@ -140,3 +140,25 @@ def test_vl_release_names_reach_the_transformers5_modules(tiny_tokenizer):
     for n in internal:
         assert torch.all(params[n] == 0.5), n
     assert [c.name for c in engine.checksum(names)] == names
+
+
+def test_build_rollout_engine_from_a_hf_folder(tmp_path, tiny_tokenizer, tiny_model_factory):
+    from megatron_metis.config.rl import RolloutConfig
+    from megatron_metis.rollout import build_rollout_engine
+
+    model = tiny_model_factory(1)
+    model.save_pretrained(tmp_path / "full")
+    tiny_tokenizer.save_pretrained(tmp_path / "full")
+    model.config.save_pretrained(tmp_path / "bare")  # config only: random weights
+    tiny_tokenizer.save_pretrained(tmp_path / "bare")
+    cfg = RolloutConfig(dtype="float32", seed=3)
+    seq = _probe(tiny_tokenizer)  # loaded models use sdpa attention: 1e-5, not 1e-6
+    full = build_rollout_engine(cfg, tmp_path / "full")
+    torch.testing.assert_close(
+        full.score([seq])[0], _trainer_logprobs(model, seq), rtol=0, atol=1e-5
+    )
+    bare = build_rollout_engine(cfg, tmp_path / "bare")
+    stream_weights(_stream(model), bare, bucket_bytes=BUCKET)
+    torch.testing.assert_close(
+        bare.score([seq])[0], _trainer_logprobs(model, seq), rtol=0, atol=1e-5
+    )
