@@ -12,7 +12,7 @@ from megatron_metis.models.arch import Qwen2Arch
 from megatron_metis.models.qwen2 import build_qwen2_model
 from megatron_metis.parallel import ParallelContext
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_5_vl")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -38,7 +38,15 @@ def model_type_of(hf_config: dict, source: str | Path) -> str:
 def build_model(
     hf_config: dict, ctx: ParallelContext, cfg: ModelConfig, *, source: str | Path = "config"
 ) -> tuple[torch.nn.Module, Qwen2Arch]:
-    """This rank's shard of the model described by ``hf_config`` (randomly initialised)."""
-    model_type_of(hf_config, source)
+    """This rank's shard of the model described by ``hf_config`` (randomly initialised).
+
+    Returns (model, arch): a ``GPTModel`` for ``qwen2``, a ``Qwen2_5_VLModel`` (vision tower +
+    ``GPTModel`` with M-RoPE) for ``qwen2_5_vl``; ``arch`` is the decoder's architecture.
+    """
+    model_type = model_type_of(hf_config, source)
     arch = Qwen2Arch.from_hf_dict(hf_config)
+    if model_type == "qwen2_5_vl":
+        from megatron_metis.models.qwen2_5_vl import build_qwen2_5_vl_model
+
+        return build_qwen2_5_vl_model(hf_config, arch, ctx, cfg), arch
     return build_qwen2_model(arch, ctx, cfg), arch
