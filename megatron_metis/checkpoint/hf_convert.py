@@ -8,7 +8,7 @@ writer, or a colocated rollout engine) sees the whole model without ever holding
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +22,13 @@ from megatron_metis.checkpoint.hf_io import (
     write_safetensors_shards,
 )
 from megatron_metis.checkpoint.layouts import ShardSpec
+from megatron_metis.checkpoint.qwen2_5_vl_weights import (
+    VISION_HF_PREFIX,
+    is_vision_language,
+    language_model_of,
+    load_vision_weights,
+    vision_state,
+)
 from megatron_metis.checkpoint.qwen2_weights import (
     TIED_OUTPUT_RULE,
     WeightRule,
@@ -67,11 +74,16 @@ def load_hf_weights(
 ) -> None:
     """Fill this rank's shard of ``model`` from the HF checkpoint in ``hf_dir``.
 
+    For Qwen2.5-VL the first stage also loads the vision tower (``visual.*``).
+
     Raises:
         CheckpointError: a file is missing or corrupt, a tensor is missing, or its shape does
             not match the model; the message names the tensor.
     """
     reader = HFCheckpointReader(hf_dir)
+    if is_vision_language(model) and model.vision is not None:
+        load_vision_weights(model.vision, reader)
+    model = language_model_of(model)
     prefix = detect_hf_prefix(reader.names())
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if "_extra_state" not in k}
     local_of = {g: j for j, g in global_layer_index(model).items()}
@@ -143,10 +155,25 @@ def _broadcast_from_stage(tensors, src_stage: int, ctx: ParallelContext):
 
 
 def export_hf_weights(
-    model: torch.nn.Module, ctx: ParallelContext, arch: Qwen2Arch, *, hf_prefix: str = "model."
+    model: torch.nn.Module,
+    ctx: ParallelContext,
+    arch: Qwen2Arch,
+    *,
+    hf_prefix: str = "model.",
+    tensor_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for the whole language model on every rank (collective)."""
+    """Yield (HF name, full tensor) for the whole language model on every rank (collective).
+
+    ``tensor_of`` maps each parameter to the tensor exported in its place (default: the
+    parameter itself; ``lambda p: p.grad`` exports gradients under HF names). Qwen2.5-VL's
+    vision tower follows the language model, under ``visual.*``.
+    """
+    vision_language = is_vision_language(model)
+    if vision_language:
+        vision, model = model.vision, language_model_of(model)
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if "_extra_state" not in k}
+    if tensor_of is not None:
+        state = {k: tensor_of(v) for k, v in state.items()}
     local_of = {g: j for j, g in global_layer_index(model).items()}
     owner = _owner_stages(model, ctx)
     spec = shard_spec(arch, ctx, model.vocab_size)
@@ -164,6 +191,24 @@ def export_hf_weights(
         if ctx.pp > 1:
             tensors = _broadcast_from_stage(tensors, stage, ctx)
         yield from zip(rule.hf_names(hf_prefix, layer), tensors)
+    if vision_language:
+        yield from _export_vision(vision, ctx, tensor_of)
+
+
+def _export_vision(vision, ctx: ParallelContext, tensor_of) -> Iterator[tuple[str, torch.Tensor]]:
+    """The first stage's vision tower (replicated over TP) as ``visual.*``, sent to all stages."""
+    names = [list(vision_state(vision))] if vision is not None else [None]
+    if ctx.pp > 1:
+        dist.broadcast_object_list(names, src=ctx.pp_ranks[0], group=ctx.pp_group)
+    state = vision_state(vision) if vision is not None else {}
+    for name in names[0]:
+        tensors = None
+        if vision is not None:
+            value = state[name] if tensor_of is None else tensor_of(state[name])
+            tensors = [value.detach().contiguous()]
+        if ctx.pp > 1:
+            tensors = _broadcast_from_stage(tensors, 0, ctx)
+        yield VISION_HF_PREFIX + name, tensors[0]
 
 
 def save_hf_checkpoint(
