@@ -11,19 +11,23 @@ from megatron_metis.config.engine import (
 )
 from megatron_metis.config.loader import ConfigError
 from megatron_metis.config.rewards import RewardConfig
+from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
 from megatron_metis.config.schema import MetisConfig, load_config, save_resolved_config
 
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "GRPOConfig",
     "LoggingConfig",
     "MetisConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",
     "RewardConfig",
+    "RolloutConfig",
     "RunConfig",
+    "SFTConfig",
     "load_config",
     "save_resolved_config",
 ]

@@ -17,6 +17,7 @@ from megatron_metis.config.engine import (
 )
 from megatron_metis.config.loader import apply_overrides, build_dataclass, dump_yaml, read_recipe
 from megatron_metis.config.rewards import RewardConfig
+from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -29,6 +30,9 @@ class MetisConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def load_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> MetisConfig:

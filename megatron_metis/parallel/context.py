@@ -132,7 +132,7 @@ def _init_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
-        create_gloo_process_groups=device.type == "cuda",
+        create_gloo_process_groups=True,  # Megatron's optimizer always asks for them
     )
     # On the CPU the CUDA RNG tracker cannot be used; the inference tracker makes its fork() a
     # no-op, which is exact because the engine runs without dropout.

@@ -2,13 +2,15 @@
 
 Megatron-Core calls ``torch.cuda.current_device()`` and allocates on ``device="cuda"`` in a few
 hard-wired places: RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules,
-p2p communication, and the tied-embedding sync of pipelined models. Each site and why it is
+p2p communication, the optimizer's scalars and grad buffers, and the tied-embedding sync of
+pipelined models. Each site and why it is
 patched is listed in ``shared/research/deps-megatron.md`` section 3. The shim is applied only
 when the run's device is the CPU, once per process, and is never needed on GPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -16,17 +18,35 @@ import torch
 _APPLIED = {"done": False}
 
 
+_FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "arange"})
+# Modules whose module-level ``torch`` allocates on device="cuda" by name (schedules: the token
+# counter; optimizer, grad scaler, clipping: their scalars; grad buffers: a warm-up tensor).
+_PROXIED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
+)
+
+
 class _CpuTorchProxy:
-    """Stands in for the ``torch`` global of the pipeline-schedule module: ``zeros(device="cuda")``
-    becomes a CPU allocation, everything else is forwarded to torch."""
+    """Stands in for the ``torch`` global of one Megatron module: tensor factories called with
+    ``device="cuda"`` allocate on the CPU; everything else is forwarded to torch."""
 
     def __getattr__(self, name: str):
-        return getattr(torch, name)
+        attr = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attr
 
-    def zeros(self, *args, device=None, **kwargs):
-        if device is not None and str(device).startswith("cuda"):
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+        def factory(*args, device=None, **kwargs):
+            if device is not None and str(device).startswith("cuda"):
+                device = "cpu"
+            return attr(*args, device=device, **kwargs)
+
+        return factory
 
 
 def _causal_mask(sq: int, skv: int | None = None) -> torch.Tensor:
@@ -51,10 +71,10 @@ def apply_cpu_shim() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
     import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.pipeline_parallel.schedules as schedules
     import megatron.core.transformer.utils as transformer_utils
 
     transformer_utils.get_default_causal_mask = _causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
-    schedules.torch = _CpuTorchProxy()
+    for name in _PROXIED_MODULES:
+        importlib.import_module(name).torch = _CpuTorchProxy()
     _APPLIED["done"] = True
