@@ -7,14 +7,16 @@ then only compare.
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_vl import hf_logits, make_tiny_qwen2_5_vl, build_batches
+from safetensors.torch import load_file, save_file
+from tiny_vl import build_batches, hf_logits, make_tiny_qwen2_5_vl
 from vl_worker import FREEZE, layout_worker
 
 from megatron_metis.checkpoint.hf_io import HFCheckpointReader
@@ -41,7 +43,7 @@ def layouts(tiny, tmp_path_factory):
     work = tmp_path_factory.mktemp("vl_ckpt")
     convert = {
         (1, 1): {},
-        (2, 1): {"save_dist": str(work / "dist")},
+        (2, 1): {"save_dist": str(work / "dist"), "alt_hf_dir": _transformers5_layout(tiny, work)},
         (1, 2): {"load_dist": str(work / "dist"), "hf_out": str(work / "hf_back")},
     }
     results = {}
@@ -62,6 +64,27 @@ def layouts(tiny, tmp_path_factory):
         }
     results["hf_back"] = work / "hf_back"
     return results
+
+
+def _transformers5_layout(tiny, work: Path) -> str:
+    """A copy of the checkpoint under transformers 5's in-memory names (model.language_model.*,
+    model.visual.*), which the converter must read too."""
+    out = work / "t5_layout"
+    shutil.copytree(tiny["dir"], out)
+    renamed = {
+        re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", k)): v
+        for k, v in load_file(str(out / "model.safetensors")).items()
+    }
+    save_file(renamed, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def test_reads_transformers5_layout(tiny, layouts):
+    """Loaded at TP=2 from model.language_model.* / model.visual.*, exported in release names."""
+    original = load_file(str(Path(tiny["dir"]) / "model.safetensors"))
+    exported = layouts[2, 1]["rank0"]["alt_exported"]
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
 
 
 def test_rope_index_matches_transformers(tiny):

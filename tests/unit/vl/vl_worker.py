@@ -95,6 +95,11 @@ def layout_worker(
                 n: p.requires_grad for n, p in frozen.vision.named_parameters()
             }
             out["grads"][tag] = _grads(frozen, ctx, arch, batches["mixed"])
+    if "alt_hf_dir" in convert:
+        other, _ = build_model(hf_config, ctx, cfg)
+        load_hf_weights(other, ctx, arch, convert["alt_hf_dir"])
+        alt = {k: v.clone() for k, v in export_hf_weights(other, ctx, arch)}
+        out["alt_exported"] = alt if ctx.rank == 0 else None
     conv_cfg = ModelConfig(dtype="float32")
     if "save_dist" in convert:
         hf_to_megatron(hf_dir, convert["save_dist"], ctx, conv_cfg)
