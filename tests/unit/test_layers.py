@@ -24,6 +24,7 @@ TIERS = [
     ["checkpoint"],
     ["rollout", "algorithms"],
     ["trainer"],
+    ["stages"],
     ["cli"],
 ]
 TIER_OF = {name: i for i, tier in enumerate(TIERS) for name in tier}

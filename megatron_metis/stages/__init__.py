@@ -1,0 +1,1 @@
+"""The Metis-RISE stages around training: triage, expert augmentation, evaluation, pipeline."""
