@@ -2,7 +2,8 @@
 
 ``load_hf_weights`` reads on each rank only the slices of the tensors its shard needs.
 ``export_hf_weights`` is a collective generator over all ranks: it yields (HF name, full tensor)
-pairs, one tensor at a time, gathered over TP and broadcast over PP, so every rank (the checkpoint
+pairs, one tensor at a time (Qwen2.5-VL: the language model, then the vision tower as
+``visual.*``), gathered over TP and broadcast over PP, so every rank (the checkpoint
 writer, or a colocated rollout engine) sees the whole model without ever holding all of it.
 """
 
