@@ -66,3 +66,18 @@ def test_recipe_errors_name_the_file(tmp_path):
 def test_fp8_cannot_be_combined_with_local_layers():
     with pytest.raises(ConfigError, match="model.fp8 needs"):
         load_config(None, ["model.fp8=e4m3", "model.transformer_impl=local"])
+
+
+def test_fp8_or_transformer_engine_without_a_gpu_is_a_clear_error():
+    import torch
+
+    from megatron_metis.models.specs import use_transformer_engine
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="model.fp8='e4m3' needs Transformer Engine on a CUDA"):
+        use_transformer_engine(load_config(None, ["model.fp8=e4m3"]).model, cpu)
+    with pytest.raises(ConfigError, match="transformer_impl=transformer_engine needs a CUDA"):
+        use_transformer_engine(
+            load_config(None, ["model.transformer_impl=transformer_engine"]).model, cpu
+        )
+    assert use_transformer_engine(load_config(None).model, cpu) is False
