@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,14 @@ def save_model_checkpoint(
     step: int = 0,
     hf_dir: str | Path | None = None,
     extra: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: save the model's sharded state under ``ckpt_dir`` (replaced if it exists)."""
+    """Collective: save the model's sharded state under ``ckpt_dir`` (replaced if it exists).
+
+    ``write_extra(staging_dir)`` runs on every rank after the model is written and before the
+    folder is renamed into place (the trainer adds optimizer and RNG state there), so the
+    whole training checkpoint appears atomically.
+    """
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
@@ -56,6 +63,8 @@ def save_model_checkpoint(
         (staging / "model").mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(staging / "model"))
+    if write_extra is not None:
+        write_extra(staging)
     dist.barrier()
     if ctx.rank == 0:
         meta = {

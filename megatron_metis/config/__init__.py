@@ -13,6 +13,7 @@ from megatron_metis.config.loader import ConfigError
 from megatron_metis.config.rewards import RewardConfig
 from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
 from megatron_metis.config.schema import MetisConfig, load_config, save_resolved_config
+from megatron_metis.config.train import TrainConfig
 
 __all__ = [
     "CheckpointConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "RolloutConfig",
     "RunConfig",
     "SFTConfig",
+    "TrainConfig",
     "load_config",
     "save_resolved_config",
 ]

@@ -57,6 +57,9 @@ class ModelConfig:
     """Qwen2.5-VL: no gradients for the ViT (patch embedding and blocks)."""
     freeze_merger: bool = False
     """Qwen2.5-VL: no gradients for the patch merger (the projection into the decoder)."""
+    init_tiny: bool = False
+    """CPU recipes: create a tiny random Qwen2.5-VL (``models.tiny``) at ``hf_dir`` when the
+    folder has no config.json yet."""
 
     def validate(self) -> None:
         if self.make_vocab_size_divisible_by < 1:

@@ -136,9 +136,16 @@ class SFTConfig:
     """Samples longer than this are truncated (the count is reported)."""
     pack_sequences: bool = True
     """Pack several samples into one row (block-diagonal attention, positions restart)."""
+    response_field: str = "response"
+    """Row field holding the assistant target of each conversation; ``expert`` trains on the
+    expert solutions of a problem file (the tiny recipe's warm-up)."""
+    shuffle: bool = True
+    """Reshuffle the conversations every epoch (seeded by ``run.seed`` and the epoch)."""
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"sft.epochs must be >= 1, got {self.epochs}")
         if self.max_seq_len < 2:
             raise ConfigError(f"sft.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if not self.response_field:
+            raise ConfigError("sft.response_field must not be empty")

@@ -18,6 +18,7 @@ from megatron_metis.config.engine import (
 from megatron_metis.config.loader import apply_overrides, build_dataclass, dump_yaml, read_recipe
 from megatron_metis.config.rewards import RewardConfig
 from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
+from megatron_metis.config.train import TrainConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -33,6 +34,7 @@ class MetisConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> MetisConfig:

@@ -1,0 +1,49 @@
+"""Config section of the training engine's loop: batch sizes, steps, evaluation, log-prob chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_metis.config.loader import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    micro_batch_size: int = 1
+    """Rows per micro-batch (a row is one sample, or several packed samples)."""
+    global_batch_size: int = 64
+    """SFT: conversations per optimizer step, over all data-parallel ranks (must divide by DP).
+    RL: unused (a step's batch is ``grpo.num_prompts_per_step * grpo.group_size`` responses,
+    split into ``grpo.num_update_steps`` mini-batches)."""
+    max_steps: int = 0
+    """Optimizer steps of an SFT run (0: ``sft.epochs`` over the data); rollout steps of an RL
+    run (must be >= 1 for ``metis rl``)."""
+    max_tokens_per_row: int = 0
+    """Token budget of a packed row (0: ``sft.max_seq_len`` for SFT, the longest prompt plus
+    ``rollout.max_new_tokens`` for RL). With packing off, rows are padded samples."""
+    pack_sequences: bool = True
+    """RL: pack several responses into one row (block-diagonal attention); SFT uses
+    ``sft.pack_sequences``. Qwen2.5-VL samples pack too (M-RoPE ids are per sample)."""
+    logprob_chunk_tokens: int = 1024
+    """Tokens per chunk of the vocab-parallel log-softmax: the fp32 softmax is materialised for
+    this many tokens at a time, never for the whole micro-batch."""
+    eval_interval: int = 0
+    """Held-out accuracy (greedy, the rollout engine) every N steps (0: at the end only)."""
+    eval_max_problems: int = 64
+    """Test problems per evaluation (0: all of ``data.test_files``)."""
+    eval_max_new_tokens: int = 0
+    """Response budget of evaluation (0: ``rollout.max_new_tokens``)."""
+
+    def validate(self) -> None:
+        for key in ("micro_batch_size", "global_batch_size", "logprob_chunk_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in (
+            "max_steps",
+            "max_tokens_per_row",
+            "eval_interval",
+            "eval_max_problems",
+            "eval_max_new_tokens",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")

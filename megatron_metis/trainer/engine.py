@@ -1,0 +1,153 @@
+"""The training engine shared by SFT and RL: model + DDP + optimizer + one step.
+
+``TrainEngine.train_step`` runs all micro-batches of one optimizer step through Megatron's
+pipeline schedule (any TP/PP), lets Megatron's DDP wrapper reduce the gradients over the
+data-parallel ranks (and the tied-embedding copies over the first and last stages), then clips
+and applies them. Losses are normalised by *global* counts (all micro-batches and DP ranks)
+that the caller computes with ``global_count``; DDP averages gradients over DP, so the step
+multiplies each loss by the DP size: the result is exactly the gradient of the globally
+normalised loss, whatever the split over micro-batches and ranks.
+
+Legend: B rows, S positions, v local vocabulary columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_metis.config import MetisConfig
+from megatron_metis.models.arch import Qwen2Arch
+from megatron_metis.models.forward import Microbatch, run_pipeline
+from megatron_metis.parallel import ParallelContext
+from megatron_metis.trainer.batching import PositionFn
+from megatron_metis.trainer.logprobs import VocabShard, vocab_parallel_logprobs
+from megatron_metis.trainer.optimizer import (
+    CpuOptimizer,
+    MegatronOptimizerAdapter,
+    TrainOptimizer,
+    lr_at,
+)
+
+LossFn = Callable[[torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports (loss metrics only on the last pipeline stage)."""
+
+    microbatch_metrics: list[dict[str, Any]]
+    grad_norm: float
+    lr: float
+    applied: bool
+
+
+class TrainEngine:
+    """The policy being trained, wrapped for DP, with its optimizer.
+
+    Attributes:
+        module: the bare model (``GPTModel`` or ``Qwen2_5_VLModel``): checkpoints, export.
+        ddp: the same model inside Megatron's ``DistributedDataParallel``: forward/backward.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        arch: Qwen2Arch,
+        ctx: ParallelContext,
+        cfg: MetisConfig,
+        *,
+        total_steps: int,
+    ) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        self.module, self.arch, self.ctx, self.cfg = module, arch, ctx, cfg
+        self.total_steps = total_steps
+        use_dist_opt = (
+            cfg.optimizer.use_distributed_optimizer and ctx.dp > 1 and ctx.device.type == "cuda"
+        )
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_dist_opt,
+        )
+        self.ddp = DistributedDataParallel(
+            config=module.config, ddp_config=ddp_config, module=module
+        )
+        module.config.no_sync_func = self.ddp.no_sync
+        module.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer: TrainOptimizer
+        if ctx.device.type == "cuda":
+            dtype = next(module.parameters()).dtype
+            self.optimizer = MegatronOptimizerAdapter(self.ddp, cfg.optimizer, dtype)
+        else:
+            self.optimizer = CpuOptimizer(
+                list(module.named_parameters()), ctx, cfg.optimizer, self.ddp.zero_grad_buffer
+            )
+        vocab_per_rank = module.vocab_size // ctx.tp
+        self.vocab_shard = VocabShard(
+            start=ctx.tp_rank * vocab_per_rank,
+            vocab_size=arch.vocab_size,
+            group=ctx.tp_group if ctx.tp > 1 else None,
+        )
+
+    @property
+    def position_fn(self) -> PositionFn | None:
+        """M-RoPE positions for Qwen2.5-VL, None for a text model."""
+        if not hasattr(self.module, "position_ids"):
+            return None
+        return lambda ids, grid: self.module.position_ids(ids, grid)
+
+    def logprobs(
+        self, logits_BSv: torch.Tensor, labels_BS: torch.Tensor, *, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) ``[B, S]`` of the labels, chunked and vocab-parallel."""
+        return vocab_parallel_logprobs(
+            logits_BSv,
+            labels_BS.clamp(min=0),
+            self.vocab_shard,
+            temperature=temperature,
+            chunk_tokens=self.cfg.train.logprob_chunk_tokens,
+        )
+
+    def global_count(self, value: float) -> float:
+        """Sum of a per-rank count over the data-parallel ranks."""
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if self.ctx.dp > 1:
+            dist.all_reduce(t, group=self.ctx.dp_group)
+        return float(t[0])
+
+    def train_step(
+        self, microbatches: Sequence[Microbatch], loss_fn: LossFn, step: int
+    ) -> StepOutput:
+        """Forward/backward of all micro-batches, DP reduction, clip, optimizer update.
+
+        ``loss_fn`` returns losses normalised by global counts; they are scaled by the DP size
+        here to cancel DDP's gradient averaging.
+        """
+        scale = float(self.ctx.dp * self.ctx.cp)
+        self.ddp.train()
+        self.optimizer.zero_grad()
+
+        def scaled(logits: torch.Tensor, inputs: Mapping[str, Any]):
+            loss, metrics = loss_fn(logits, inputs)
+            return loss * scale, metrics
+
+        metrics = run_pipeline(self.ddp, self.ctx, microbatches, scaled, forward_only=False)
+        lr = lr_at(step, self.cfg.optimizer, self.total_steps)
+        applied, grad_norm = self.optimizer.step(lr)
+        return StepOutput(list(metrics), grad_norm, lr, applied)
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: Sequence[Microbatch], fn: LossFn) -> list[Any]:
+        """``fn(logits, loss_inputs)`` of every micro-batch (last stage; [] elsewhere)."""
+        self.ddp.eval()
+        return run_pipeline(self.ddp, self.ctx, microbatches, fn, forward_only=True)

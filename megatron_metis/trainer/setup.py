@@ -1,0 +1,146 @@
+"""Start of a phase: process groups, tokenizer/processor, policy model, engine, resume.
+
+Also the few collectives on Python objects that the phases share (rank 0 of each model-parallel
+group does the generation and scoring; the result is broadcast to the other ranks of the
+group), and the reduction of metrics to the logging rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_metis.algorithms.sft import ChatTokenIds
+from megatron_metis.checkpoint import load_hf_weights
+from megatron_metis.config import MetisConfig, save_resolved_config
+from megatron_metis.models import build_model, read_hf_config
+from megatron_metis.parallel import ParallelContext, init_parallel
+from megatron_metis.trainer.checkpointing import find_latest_checkpoint, load_train_checkpoint
+from megatron_metis.trainer.engine import TrainEngine
+from megatron_metis.trainer.state import TrainState
+
+
+@dataclass
+class Runtime:
+    """Everything a phase loop works with."""
+
+    cfg: MetisConfig
+    ctx: ParallelContext
+    tokenizer: Any
+    processor: Any
+    chat: ChatTokenIds
+    engine: TrainEngine
+    hf_dir: Path
+    resumed_from: Path | None = None
+
+    @property
+    def is_generator(self) -> bool:
+        """First rank of this data-parallel replica's model-parallel group (TP 0, stage 0):
+        hosts the rollout engine and the reward scorer."""
+        return self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0 and self.ctx.cp_rank == 0
+
+    @property
+    def is_logger(self) -> bool:
+        return self.ctx.rank == 0
+
+
+def prepare_hf_dir(cfg: MetisConfig) -> Path:
+    """The policy's HF folder; with ``model.init_tiny`` a tiny model is created if missing."""
+    hf_dir = Path(cfg.model.hf_dir)
+    if cfg.model.init_tiny and not (hf_dir / "config.json").exists():
+        from megatron_metis.models.tiny import build_tiny_qwen2_5_vl
+
+        build_tiny_qwen2_5_vl(hf_dir, seed=cfg.run.seed)
+    return hf_dir
+
+
+def build_runtime(
+    cfg: MetisConfig, *, phase: str, total_steps: int
+) -> tuple[Runtime, TrainState | None]:
+    """Initialise the parallel layout and the engine; resume from the latest checkpoint.
+
+    Returns the runtime and the resumed ``TrainState`` (None for a fresh start).
+    """
+    from transformers import AutoTokenizer
+
+    from megatron_metis.data.vl_inputs import build_vl_processor
+
+    ctx = init_parallel(cfg.parallel, seed=cfg.run.seed)
+    if ctx.rank == 0:
+        prepare_hf_dir(cfg)
+        save_resolved_config(cfg, Path(cfg.run.output_dir))
+    dist.barrier()
+    hf_dir = Path(cfg.model.hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    processor = build_vl_processor(
+        tokenizer, min_pixels=cfg.data.image_min_pixels, max_pixels=cfg.data.image_max_pixels
+    )
+    module, arch = build_model(read_hf_config(hf_dir), ctx, cfg.model, source=hf_dir)
+    load_hf_weights(module, ctx, arch, hf_dir)
+    engine = TrainEngine(module, arch, ctx, cfg, total_steps=total_steps)
+    runtime = Runtime(
+        cfg=cfg,
+        ctx=ctx,
+        tokenizer=tokenizer,
+        processor=processor,
+        chat=ChatTokenIds.from_tokenizer(tokenizer),
+        engine=engine,
+        hf_dir=hf_dir,
+    )
+    ckpt = Path(cfg.checkpoint.load_dir) if cfg.checkpoint.load_dir else None
+    ckpt = ckpt or find_latest_checkpoint(cfg.run.output_dir)
+    if ckpt is None:
+        return runtime, None
+    state = load_train_checkpoint(engine, ckpt)
+    if state.phase != phase:
+        raise ValueError(f"{ckpt} is a {state.phase} checkpoint; this is a {phase} run")
+    runtime.resumed_from = ckpt
+    return runtime, state
+
+
+def mp_src_ranks(ctx: ParallelContext) -> tuple[int, int]:
+    """Global ranks of TP rank 0 in this rank's TP group and of stage 0 in its PP group."""
+    return dist.get_process_group_ranks(ctx.tp_group)[0], ctx.pp_ranks[0]
+
+
+def broadcast_from_generator(ctx: ParallelContext, obj: Any) -> Any:
+    """Send a Python object from TP rank 0 / stage 0 to the whole model-parallel group."""
+    tp_src, pp_src = mp_src_ranks(ctx)
+    box = [obj]
+    if ctx.tp > 1:
+        dist.broadcast_object_list(box, src=tp_src, group=ctx.tp_group)
+    if ctx.pp > 1:
+        dist.broadcast_object_list(box, src=pp_src, group=ctx.pp_group)
+    return box[0]
+
+
+def from_last_stage(ctx: ParallelContext, obj: Any) -> Any:
+    """Send a Python object from the last pipeline stage to all stages."""
+    if ctx.pp == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ctx.pp_ranks[-1], group=ctx.pp_group)
+    return box[0]
+
+
+def sum_over_dp(ctx: ParallelContext, values: dict[str, float]) -> dict[str, float]:
+    """Sum a dict of floats (same keys on every rank) over the data-parallel ranks."""
+    if ctx.dp == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=ctx.dp_group)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def max_over_dp(ctx: ParallelContext, values: dict[str, float]) -> dict[str, float]:
+    if ctx.dp == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+    return dict(zip(keys, t.tolist(), strict=True))
