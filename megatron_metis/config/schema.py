@@ -18,6 +18,7 @@ from megatron_metis.config.engine import (
 from megatron_metis.config.loader import apply_overrides, build_dataclass, dump_yaml, read_recipe
 from megatron_metis.config.rewards import RewardConfig
 from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
+from megatron_metis.config.stages import EvalConfig, ExpertConfig, PipelineConfig, TriageConfig
 from megatron_metis.config.train import TrainConfig
 
 
@@ -34,6 +35,10 @@ class MetisConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    triage: TriageConfig = field(default_factory=TriageConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
