@@ -12,6 +12,7 @@ from collections.abc import Sequence
 _COMMAND_MODULES = (
     "megatron_metis.cli.convert_cmd",
     "megatron_metis.cli.data_cmd",
+    "megatron_metis.cli.stages_cmd",
     "megatron_metis.cli.train_cmd",
 )
 

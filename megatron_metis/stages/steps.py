@@ -1,0 +1,172 @@
+"""The stages as resumable steps over a ``MetisConfig``: what ``metis pipeline`` strings together.
+
+Each ``*_step`` runs its stage in its own folder through ``runner.run_stage`` (skipped when the
+folder's ``DONE`` marker exists; resumed from the stage's progress file or cache otherwise) and
+returns the stage summary. A pipeline round is::
+
+    triage_step(cfg, rl_hf_dir, run / "triage")
+    expert_step(cfg, run / "triage", run / "expert")
+    sft_mix_step(cfg, [run / "triage" / SELF_DISTILL_FILE], [run / "expert" / EXPERT_FILE],
+                 run / "sft_data")                       # -> run / "sft_data" / SFT_MIX_FILE
+    ... SFT from the RL checkpoint on that file (the trainer) ...
+    eval_step(cfg, hf_dir, files, run / "eval" / label, label=label)   # base, rl, rl_sft
+    write_report({label: run / "eval" / label / EVAL_FILE, ...}, run / "report",
+                 rl_metrics=[...], sft_metrics=[...])
+
+Scripts that call these need an ``if __name__ == "__main__":`` guard: the verifier's worker
+processes are started with forkserver/spawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_metis.config.schema import MetisConfig
+from megatron_metis.data.check import load_problems
+from megatron_metis.data.schema import Problem
+from megatron_metis.rewards.scorer import RewardScorer
+from megatron_metis.rollout.engine import SamplingParams
+from megatron_metis.stages.evaluation import dataset_names, evaluate
+from megatron_metis.stages.expert import build_expert_source, run_expert
+from megatron_metis.stages.requests import GenerationModel, load_generation_model
+from megatron_metis.stages.runner import run_stage
+from megatron_metis.stages.sft_mix import build_sft_mix
+from megatron_metis.stages.triage import run_triage
+
+SELF_DISTILL_FILE = "self_distill.jsonl"
+EXPERT_PROMPTS_FILE = "expert_prompts.jsonl"
+EXPERT_FILE = "expert.jsonl"
+SFT_MIX_FILE = "sft.jsonl"
+EVAL_FILE = "eval.json"
+
+
+def _problems(files: Sequence[str | Path], cfg: MetisConfig, tokenizer: Any) -> list[Problem]:
+    return load_problems([str(f) for f in files], cfg.data, tokenizer).problems
+
+
+def triage_step(
+    cfg: MetisConfig,
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Triage the training prompts (``triage.data_files`` or ``data.train_files``) with the
+    HF checkpoint ``ckpt``."""
+    files = cfg.triage.data_files or cfg.data.train_files
+    if not files:
+        raise ValueError("triage needs prompts: set triage.data_files or data.train_files")
+
+    def work(out: Path) -> dict[str, Any]:
+        model = load_generation_model(ckpt, cfg.rollout, cfg.data, device=device)
+        problems = _problems(files, cfg, model.tokenizer)
+        with RewardScorer(cfg.rewards) as scorer:
+            report = run_triage(
+                problems,
+                model,
+                scorer,
+                cfg.triage,
+                rollout=cfg.rollout,
+                system_prompt=cfg.data.system_prompt,
+                out_dir=out,
+            )
+        return {"ckpt": str(ckpt), "buckets": report["buckets"]}
+
+    return run_stage("triage", out_dir, work, force=force)
+
+
+def expert_step(
+    cfg: MetisConfig,
+    triage_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Expert trajectories for the triage's p = 0 prompts from ``cfg.expert.source``."""
+
+    def work(out: Path) -> dict[str, Any]:
+        problems = _problems([Path(triage_dir) / EXPERT_PROMPTS_FILE], cfg, None)
+        local: GenerationModel | None = None
+        params: SamplingParams | None = None
+        if cfg.expert.source == "local":
+            local = load_generation_model(
+                cfg.expert.local_hf_dir, cfg.rollout, cfg.data, device=device
+            )
+            params = SamplingParams(
+                temperature=cfg.expert.temperature,
+                max_new_tokens=cfg.expert.max_tokens,
+                stop=tuple(cfg.rollout.stop),
+                n=cfg.expert.num_samples,
+                seed=cfg.run.seed,
+            )
+        source = build_expert_source(
+            cfg.expert,
+            system_prompt=cfg.data.system_prompt,
+            cache_dir=out / "cache",
+            local_model=local,
+            local_params=params,
+        )
+        with RewardScorer(cfg.rewards) as scorer:
+            report = run_expert(
+                problems, source, scorer, keep_per_prompt=cfg.expert.keep_per_prompt, out_dir=out
+            )
+        return {"accepted": report["accepted"], "rejected": report["rejected"]}
+
+    return run_stage("expert", out_dir, work, force=force)
+
+
+def sft_mix_step(
+    cfg: MetisConfig,
+    self_files: Sequence[str | Path],
+    expert_files: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The mixed SFT dataset ``<out_dir>/sft.jsonl`` (``pipeline.expert_fraction`` etc.)."""
+
+    def work(out: Path) -> dict[str, Any]:
+        return build_sft_mix(self_files, expert_files, cfg.pipeline, out_file=out / SFT_MIX_FILE)
+
+    return run_stage("sft_mix", out_dir, work, force=force)
+
+
+def eval_step(
+    cfg: MetisConfig,
+    ckpt: str | Path,
+    files: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    label: str = "",
+    force: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate ``ckpt`` on ``files`` (default ``eval.datasets`` or ``data.test_files``)."""
+    files = list(files) or list(cfg.eval.datasets) or list(cfg.data.test_files)
+    if not files:
+        raise ValueError("eval needs datasets: --data, eval.datasets or data.test_files")
+    names = dataset_names(files)
+
+    def work(out: Path) -> dict[str, Any]:
+        model = load_generation_model(ckpt, cfg.rollout, cfg.data, device=device)
+        datasets = {name: _problems([f], cfg, model.tokenizer) for name, f in names.items()}
+        with RewardScorer(cfg.rewards) as scorer:
+            result = evaluate(
+                datasets,
+                model,
+                scorer,
+                cfg.eval,
+                rollout=cfg.rollout,
+                system_prompt=cfg.data.system_prompt,
+                out_dir=out,
+                label=label,
+                files=names,
+            )
+        accs = {name: d["accuracy"] for name, d in result["datasets"].items()}
+        return {"ckpt": str(ckpt), "label": label, "accuracy": accs, "average": result["average"]}
+
+    return run_stage(f"eval[{label or Path(ckpt).name}]", out_dir, work, force=force)

@@ -1,0 +1,26 @@
+"""Fixtures of the stage tests: the tiny tokenizer, a main-process verifier, model wrapper."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_metis.config.rewards import RewardConfig
+from megatron_metis.data.tokenizer import build_tiny_tokenizer
+from megatron_metis.rewards.scorer import RewardScorer
+from megatron_metis.stages.requests import GenerationModel
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture()
+def make_model(tokenizer):
+    return lambda engine: GenerationModel(engine=engine, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    with RewardScorer(RewardConfig(num_workers=0)) as s:
+        yield s
