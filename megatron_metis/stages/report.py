@@ -6,9 +6,10 @@
     ``results.md``: the table (accuracy in %, like the paper's Table 2) and the plots;
     ``rl_curves.png``: RL accuracy reward and mean response length vs step (the paper's Fig. 3);
     ``sft_loss.png``: SFT loss vs step.
-The curves come from the trainer's ``metrics.jsonl`` (one JSON object per logged step); the
-metric names are looked up in ``*_KEYS`` (first present wins) so the trainer may use any of
-them. Plots use matplotlib's Agg backend (no display).
+The curves come from the trainer's ``metrics.jsonl`` (one JSON object per logged step, with
+``phase``: ``rl`` rows give the RL curves, ``sft`` rows the loss); the metric names are looked
+up in ``*_KEYS`` (first present wins: the trainer logs ``accuracy``, ``response_length/mean``
+and ``loss``). Plots use matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from megatron_metis.stages.runner import (
 
 STEP_KEYS = ("step", "iteration", "global_step")
 ACCURACY_KEYS = (
+    "accuracy",
     "rewards/accuracy_mean",
     "reward/accuracy",
     "accuracy_reward",
     "accuracy_mean",
     "rl/accuracy",
-    "accuracy",
 )
 LENGTH_KEYS = (
     "response_length/mean",
@@ -83,14 +84,23 @@ def table_markdown(datasets: Sequence[str], table: Mapping[str, Mapping[str, Any
 
 
 def metric_series(
-    rows: Sequence[Mapping[str, Any]], keys: Sequence[str]
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, phase: str | None = None
 ) -> tuple[str, list[float], list[float]] | None:
-    """(key, steps, values) of the first key of ``keys`` present in ``rows``; None if none is."""
+    """(key, steps, values) of the first key of ``keys`` present in ``rows``; None if none is.
+
+    Rows of another ``phase`` (when rows carry one) are ignored; a step logged twice (a resumed
+    run) keeps its last value.
+    """
+    if phase is not None:
+        rows = [r for r in rows if r.get("phase", phase) == phase]
     for key in keys:
-        points = [(r, r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        points: dict[float, float] = {}
+        for i, r in enumerate(rows):
+            if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool):
+                points[float(_step(r, i))] = float(r[key])
         if points:
-            steps = [float(_step(r, i)) for i, (r, _) in enumerate(points)]
-            return key, steps, [float(v) for _, v in points]
+            steps = sorted(points)
+            return key, steps, [points[s] for s in steps]
     return None
 
 
@@ -127,14 +137,14 @@ def plot_rl_curves(metrics_file: str | Path, out_png: str | Path) -> Path | None
     panels = [
         (title, series)
         for title, keys in (("Accuracy reward", ACCURACY_KEYS), ("Response length", LENGTH_KEYS))
-        if (series := metric_series(rows, keys)) is not None
+        if (series := metric_series(rows, keys, phase="rl")) is not None
     ]
     return atomic_write_bytes(out_png, _figure_png(panels)) if panels else None
 
 
 def plot_sft_loss(metrics_file: str | Path, out_png: str | Path) -> Path | None:
     """SFT loss vs step; None when no loss is logged."""
-    series = metric_series(read_jsonl(metrics_file), LOSS_KEYS)
+    series = metric_series(read_jsonl(metrics_file), LOSS_KEYS, phase="sft")
     if series is None:
         return None
     return atomic_write_bytes(out_png, _figure_png([("SFT loss", series)]))

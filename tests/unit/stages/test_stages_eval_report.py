@@ -12,7 +12,7 @@ from stage_helpers import StubEngine, problem, solved
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import EvalConfig, PipelineConfig
 from megatron_metis.stages.evaluation import dataset_names, evaluate, pass_at_k
-from megatron_metis.stages.report import write_report
+from megatron_metis.stages.report import ACCURACY_KEYS, LOSS_KEYS, metric_series, write_report
 from megatron_metis.stages.runner import (
     ProgressLog,
     atomic_write_text,
@@ -196,20 +196,26 @@ def _eval(accs: dict[str, float]) -> dict:
 
 
 def test_write_report_table_and_plots(tmp_path):
-    rl_metrics = tmp_path / "rl_metrics.jsonl"
-    rl_metrics.write_text(
-        "".join(
-            json.dumps(
-                {"step": s, "rewards/accuracy_mean": 0.1 * s, "response_length/mean": 20 + s}
-            )
-            + "\n"
-            for s in range(1, 6)
-        )
-    )
-    sft_metrics = tmp_path / "sft_metrics.jsonl"
-    sft_metrics.write_text(
-        "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in range(1, 4))
-    )
+    rows = [
+        {
+            "phase": "rl",
+            "step": s,
+            "accuracy": 0.1 * s,
+            "response_length/mean": 20 + s,
+            "loss": -0.5,
+        }
+        for s in range(1, 6)
+    ]
+    rows.append({"phase": "rl", "step": 5, "accuracy": 0.9, "response_length/mean": 30})
+    rows += [{"phase": "sft", "step": s, "loss": 2.0 / s} for s in range(1, 4)]
+    rl_metrics = tmp_path / "metrics.jsonl"
+    rl_metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft_metrics = rl_metrics  # one run folder holding both phases
+    key, steps, values = metric_series(read_jsonl(rl_metrics), ACCURACY_KEYS, phase="rl")
+    assert key == "accuracy" and steps == [1, 2, 3, 4, 5]
+    assert values == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.9])  # a re-logged step: last wins
+    key, steps, values = metric_series(read_jsonl(rl_metrics), LOSS_KEYS, phase="sft")
+    assert values == pytest.approx([2.0, 1.0, 2.0 / 3])
     (tmp_path / "base.json").write_text(json.dumps(_eval({"synth": 0.2, "mathvista": 0.4})))
     results = {
         "base": tmp_path / "base.json",
