@@ -38,12 +38,30 @@ from megatron_metis.trainer.setup import (
     sum_over_dp,
 )
 
+_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
 
 def build_rollout(rt: Runtime) -> RolloutEngine | None:
-    """The rollout engine on the generator rank (None elsewhere)."""
+    """The rollout engine on the generator rank (None elsewhere).
+
+    The ``hf`` backend never samples vision placeholder tokens: a weak policy (the tiny random
+    model) otherwise emits ``<|image_pad|>`` tokens that have no image features, which breaks
+    the log-prob forward of the engine and of the trainer.
+    """
     if not rt.is_generator:
         return None
-    return build_rollout_engine(rt.cfg.rollout, rt.hf_dir, device=rt.ctx.device)
+    if rt.cfg.rollout.backend != "hf":
+        return build_rollout_engine(rt.cfg.rollout, rt.hf_dir, device=rt.ctx.device)
+    from megatron_metis.rollout.hf_engine import HFRolloutEngine
+
+    class _NoVisionTokensEngine(HFRolloutEngine):
+        def _generation_config(self, params):
+            config = super()._generation_config(params)
+            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in _VISION_TOKENS]
+            config.suppress_tokens = [i for i in ids if isinstance(i, int) and i >= 0]
+            return config
+
+    return _NoVisionTokensEngine.from_pretrained(rt.hf_dir, rt.cfg.rollout, device=rt.ctx.device)
 
 
 class RequestCache:

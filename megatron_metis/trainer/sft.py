@@ -140,7 +140,7 @@ def run_sft(cfg: MetisConfig) -> dict[str, float]:
             _maybe_save(rt, state, final=state.step == total)
             final = metrics
         logger.close()
-        _export_hf(rt)
+        export_hf(rt)
         return final
 
 
@@ -175,7 +175,7 @@ def _maybe_save(rt: Runtime, state: TrainState, *, final: bool) -> None:
         )
 
 
-def _export_hf(rt: Runtime) -> None:
+def export_hf(rt: Runtime) -> None:
     """Write ``<output_dir>/hf``: the trained policy as a HF checkpoint (next phase's input)."""
     if not rt.cfg.checkpoint.export_hf:
         return

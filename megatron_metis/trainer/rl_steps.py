@@ -1,0 +1,365 @@
+"""The named steps of the RL loop (``trainer.rl``): rollout, scoring, advantages, update.
+
+Generation and scoring run on the generator rank of each data-parallel replica (TP rank 0,
+stage 0), over that replica's shard of the prompts; the resulting batch is broadcast to the
+rest of the replica's model-parallel group, and every rank builds the same training samples.
+
+Legend: B groups (prompts), G responses per group, N = B * G responses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_metis.algorithms import (
+    DynamicSampler,
+    group_advantages,
+    grpo_loss,
+    local_loss_normalisers,
+    shape_rewards,
+)
+from megatron_metis.config import MetisConfig
+from megatron_metis.data import Problem
+from megatron_metis.models.forward import Microbatch, run_pipeline
+from megatron_metis.rewards import RewardScorer
+from megatron_metis.rollout import Completion, RolloutEngine, SamplingParams
+from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
+from megatron_metis.trainer.engine import LossFn, TrainEngine
+from megatron_metis.trainer.rollout_io import RequestCache
+from megatron_metis.trainer.setup import Runtime, from_last_stage, max_over_dp, sum_over_dp
+from megatron_metis.trainer.state import DataCursor
+
+
+@dataclass
+class Group:
+    """One prompt and its G scored responses."""
+
+    problem: Problem
+    completions: list[Completion]
+    rewards: list[float]
+    """Shaped rewards (verifier reward + overlong penalty)."""
+    keep: list[bool]
+    """False for responses left out of the loss (``grpo.overlong='mask'`` and truncated)."""
+
+
+@dataclass
+class RolloutBatch:
+    """What the generator hands to the trainer: the kept groups and the rollout metrics."""
+
+    groups: list[Group]
+    cursor: DataCursor
+    sums: dict[str, float] = field(default_factory=dict)
+    """Additive counters (summed over DP before they become metrics)."""
+    maxima: dict[str, float] = field(default_factory=dict)
+
+
+def temperature_of(cfg: MetisConfig) -> float:
+    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+
+
+def generate_and_score(
+    rt: Runtime,
+    rollout: RolloutEngine,
+    scorer: RewardScorer,
+    problems: Sequence[Problem],
+    requests: RequestCache,
+    *,
+    seed: int,
+) -> tuple[list[Group], dict[str, float], dict[str, float]]:
+    """Sample G responses per problem, score them, shape the rewards; one sampling round."""
+    cfg = rt.cfg
+    g = cfg.grpo.group_size
+    params = SamplingParams.from_config(cfg.rollout, n=g)
+    params = SamplingParams(**{**params.__dict__, "seed": seed})
+    t0 = time.perf_counter()
+    completions = rollout.generate([requests(p) for p in problems], params)
+    t1 = time.perf_counter()
+    golds = [p.answer for p in problems for _ in range(g)]
+    choices = [p.choices for p in problems for _ in range(g)]
+    scores = scorer.score([c.text for c in completions], golds, choices=choices)
+    t2 = time.perf_counter()
+    lengths_N = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+    truncated_N = torch.tensor([c.truncated for c in completions])
+    rewards_N, keep_N, shape_m = shape_rewards(
+        torch.tensor(scores.rewards),
+        lengths_N,
+        truncated_N,
+        cfg=cfg.grpo,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+    )
+    groups = [
+        Group(
+            problem=p,
+            completions=completions[b * g : (b + 1) * g],
+            rewards=rewards_N[b * g : (b + 1) * g].tolist(),
+            keep=keep_N[b * g : (b + 1) * g].tolist(),
+        )
+        for b, p in enumerate(problems)
+    ]
+    sums = {
+        "responses": float(len(completions)),
+        "reward": float(rewards_N.sum()),
+        "accuracy": float(sum(scores.accuracy)),
+        "format": float(sum(scores.format)),
+        "response_tokens": float(lengths_N.sum()),
+        "truncated": shape_m["num_truncated"],
+        "masked": shape_m["num_masked"],
+        "verifier_timeouts": float(scores.metrics.get("n_timeout", 0.0)),
+        "verifier_errors": float(scores.metrics.get("n_verifier_error", 0.0)),
+        "time_generate": t1 - t0,
+        "time_reward": t2 - t1,
+    }
+    maxima = {"response_length_max": float(lengths_N.max()) if len(completions) else 0.0}
+    return groups, sums, maxima
+
+
+def collect_rollouts(
+    rt: Runtime,
+    rollout: RolloutEngine,
+    scorer: RewardScorer,
+    prompts: Sequence[Problem],
+    cursor: DataCursor,
+    requests: RequestCache,
+    *,
+    step: int,
+) -> RolloutBatch:
+    """Dynamic sampling: rounds of generate + score until the batch of groups whose rewards
+    differ is full (or ``grpo.max_sampling_rounds`` is reached; a short batch is trained)."""
+    cfg = rt.cfg.grpo
+    sampler: DynamicSampler[Group] = DynamicSampler(
+        target_groups=max(cfg.num_prompts_per_step // rt.ctx.dp, 1),
+        max_rounds=cfg.max_sampling_rounds,
+        enabled=cfg.dynamic_sampling,
+    )
+    sums: dict[str, float] = {}
+    maxima: dict[str, float] = {}
+    round_ = 0
+    while not sampler.done:
+        problems = [prompts[i] for i in cursor.take(sampler.groups_needed)]
+        seed = rt.cfg.rollout.seed + 1_000_003 * rt.ctx.dp_rank + 1009 * step + round_
+        groups, round_sums, round_max = generate_and_score(
+            rt, rollout, scorer, problems, requests, seed=seed
+        )
+        sampler.add(groups, torch.tensor([grp.rewards for grp in groups]))
+        sums = {k: sums.get(k, 0.0) + v for k, v in round_sums.items()}
+        maxima = {k: max(maxima.get(k, 0.0), v) for k, v in round_max.items()}
+        round_ += 1
+    groups, _, sampler_metrics = sampler.take()
+    sums.update({f"groups_{k}": v for k, v in _sampler_counts(sampler_metrics).items()})
+    return RolloutBatch(groups=groups, cursor=cursor, sums=sums, maxima=maxima)
+
+
+def _sampler_counts(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {
+        "sampled": metrics["groups_sampled"],
+        "filtered": metrics["groups_dropped"],
+        "kept": metrics["groups_kept"],
+        "rounds": metrics["sampling_rounds"],
+        "batch_full": metrics["batch_full"],
+    }
+
+
+def build_samples(batch: RolloutBatch, requests: RequestCache, cfg: MetisConfig) -> list[Sample]:
+    """Prompt + response token sequences with their group-normalised advantages."""
+    if not batch.groups:
+        return []
+    rewards_BG = torch.tensor([grp.rewards for grp in batch.groups])
+    adv_BG = group_advantages(rewards_BG, eps=cfg.grpo.adv_eps, norm_std=cfg.grpo.norm_std)
+    samples: list[Sample] = []
+    for b, grp in enumerate(batch.groups):
+        req = requests(grp.problem)
+        prompt_L = torch.tensor(list(req.prompt_ids), dtype=torch.long)
+        mm = req.mm_inputs or {}
+        for i, completion in enumerate(grp.completions):
+            resp_L = torch.tensor(completion.token_ids, dtype=torch.long)
+            target_L = torch.cat(
+                [
+                    torch.zeros(len(prompt_L), dtype=torch.bool),
+                    torch.full((len(resp_L),), bool(grp.keep[i])),
+                ]
+            )
+            ids_L = torch.cat([prompt_L, resp_L])
+            samples.append(
+                Sample(
+                    token_ids_L=ids_L,
+                    target_mask_L=target_L,
+                    values={"advantage": torch.full((len(ids_L),), float(adv_BG[b, i]))},
+                    pixel_values_PC=mm.get("pixel_values"),
+                    image_grid_thw_N3=mm.get("image_grid_thw"),
+                    index=len(samples),
+                )
+            )
+    return samples
+
+
+def minibatch_microbatches(
+    rt: Runtime, samples: Sequence[Sample], num_minibatches: int
+) -> list[list[Microbatch]]:
+    """Split the responses into mini-batches (one optimizer step each) of packed micro-batches.
+
+    A replica with no response for a mini-batch gets one empty row (it still takes part in
+    the collectives of the step).
+    """
+    cfg = rt.cfg
+    per = -(-len(samples) // num_minibatches) if samples else 0
+    budget = cfg.train.max_tokens_per_row or max((len(s) for s in samples), default=8)
+    out = []
+    for k in range(num_minibatches):
+        part = list(samples[k * per : (k + 1) * per])
+        rows = pack_rows(part, max_tokens=budget, pack=cfg.train.pack_sequences) if part else []
+        rows = rows or [[_empty_sample()]]
+        out.append(
+            build_microbatches(
+                rows,
+                micro_batch_size=cfg.train.micro_batch_size,
+                pad_id=int(rt.tokenizer.pad_token_id or 0),
+                position_fn=rt.engine.position_fn,
+            )
+        )
+    return out
+
+
+def _empty_sample() -> Sample:
+    ids = torch.zeros(2, dtype=torch.long)
+    return Sample(token_ids_L=ids, target_mask_L=torch.zeros(2, dtype=torch.bool))
+
+
+def attach_logprobs(
+    engine: TrainEngine,
+    model: torch.nn.Module,
+    minibatches: Sequence[Sequence[Microbatch]],
+    key: str,
+    temperature: float,
+) -> None:
+    """Forward-only pass of ``model`` over every micro-batch; stores its log-probs ``[b, S]``
+    in the micro-batch's loss inputs under ``key`` (on the last stage, where the loss runs)."""
+
+    def fn(logits, inputs):
+        return engine.logprobs(logits, inputs["labels"], temperature=temperature)[0].detach()
+
+    for mbs in minibatches:
+        model.eval()
+        with torch.no_grad():
+            outs = run_pipeline(model, engine.ctx, list(mbs), fn, forward_only=True)
+        for (_, loss_inputs), logprobs in zip(mbs, outs, strict=False):
+            loss_inputs[key] = logprobs
+
+
+def grpo_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, float]) -> LossFn:
+    """Loss of one micro-batch: the clipped policy loss (+ KL), globally normalised."""
+    temperature = temperature_of(cfg)
+
+    def loss_fn(logits, inputs):
+        logprobs, entropy = engine.logprobs(logits, inputs["labels"], temperature=temperature)
+        mask = inputs["loss_mask"]
+        loss, metrics = grpo_loss(
+            logprobs,
+            inputs.get("old_logprobs", logprobs.detach()),
+            inputs["value:advantage"],
+            mask,
+            cfg=cfg.grpo,
+            num_global_tokens=norms["tokens"],
+            num_global_seqs=norms["seqs"],
+            seq_ids=inputs["seq_ids"],
+            ref_logprobs=inputs.get("ref_logprobs"),
+        )
+        n = metrics["num_tokens"]
+        out = {
+            "tokens": n,
+            "clip_frac": metrics["clip_frac"] * n,
+            "entropy": (entropy * mask).sum(),
+            "pg_loss": metrics["pg_loss"],
+        }
+        if "kl" in metrics:
+            out["kl"] = metrics["kl"] * n
+        return loss, {k: float(v.detach()) for k, v in out.items()}
+
+    return loss_fn
+
+
+def update_policy(
+    rt: Runtime,
+    samples: Sequence[Sample],
+    *,
+    step: int,
+    ref_model: torch.nn.Module | None,
+) -> dict[str, Any]:
+    """``grpo.num_update_steps`` optimizer steps over the batch; returns summed metrics."""
+    cfg, engine = rt.cfg, rt.engine
+    n_updates = cfg.grpo.num_update_steps
+    minibatches = minibatch_microbatches(rt, samples, n_updates)
+    if n_updates > 1:  # off-policy after the first update: freeze the behaviour log-probs
+        attach_logprobs(engine, engine.ddp, minibatches, "old_logprobs", temperature_of(cfg))
+    if ref_model is not None:
+        attach_logprobs(engine, ref_model, minibatches, "ref_logprobs", temperature_of(cfg))
+    per = -(-len(samples) // n_updates) if samples else 0
+    sums: dict[str, float] = {"grad_norm": 0.0, "updates_applied": 0.0, "lr": 0.0}
+    for k, mbs in enumerate(minibatches):
+        part = samples[k * per : (k + 1) * per]
+        norms = {
+            "tokens": engine.global_count(
+                sum(local_loss_normalisers(s.target_mask_L[1:])[0] for s in part)
+            ),
+            "seqs": engine.global_count(sum(1 for s in part if s.num_targets)),
+        }
+        out = engine.train_step(mbs, grpo_loss_fn(engine, cfg, norms), step * n_updates + k)
+        local: dict[str, float] = {}
+        for m in out.microbatch_metrics:
+            for key, value in m.items():
+                local[key] = local.get(key, 0.0) + value
+        local = sum_over_dp(rt.ctx, from_last_stage(rt.ctx, local))
+        for key, value in local.items():
+            sums[key] = sums.get(key, 0.0) + value
+        sums["grad_norm"] += out.grad_norm / n_updates
+        sums["updates_applied"] += float(out.applied)
+        sums["lr"] = out.lr
+    return sums
+
+
+def rollout_metrics(rt: Runtime, batch: RolloutBatch) -> dict[str, float]:
+    """Means over all sampled responses of the step (filtered groups included)."""
+    sums = sum_over_dp(rt.ctx, batch.sums)
+    maxima = max_over_dp(rt.ctx, batch.maxima)
+    n = max(sums.get("responses", 0.0), 1.0)
+    return {
+        "reward/mean": sums.get("reward", 0.0) / n,
+        "accuracy": sums.get("accuracy", 0.0) / n,
+        "format_rate": sums.get("format", 0.0) / n,
+        "response_length/mean": sums.get("response_tokens", 0.0) / n,
+        "response_length/max": maxima.get("response_length_max", 0.0),
+        "num_responses": sums.get("responses", 0.0),
+        "num_truncated": sums.get("truncated", 0.0),
+        "num_masked": sums.get("masked", 0.0),
+        "verifier/timeouts": sums.get("verifier_timeouts", 0.0),
+        "verifier/errors": sums.get("verifier_errors", 0.0),
+        "groups/sampled": sums.get("groups_sampled", 0.0),
+        "groups/filtered": sums.get("groups_filtered", 0.0),
+        "groups/kept": sums.get("groups_kept", 0.0),
+        "groups/sampling_rounds": sums.get("groups_rounds", 0.0) / rt.ctx.dp,
+        "groups/batch_full": sums.get("groups_batch_full", 0.0) / rt.ctx.dp,
+        "tokens_per_s/rollout": sums.get("response_tokens", 0.0)
+        / max(sums.get("time_generate", 0.0) / rt.ctx.dp, 1e-9),
+        "time/generate": sums.get("time_generate", 0.0) / rt.ctx.dp,
+        "time/reward": sums.get("time_reward", 0.0) / rt.ctx.dp,
+    }
+
+
+def update_metrics(sums: Mapping[str, float], n_updates: int) -> dict[str, float]:
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    out = {
+        "loss": sums.get("pg_loss", 0.0) / n_updates,
+        "clip_frac": sums.get("clip_frac", 0.0) / tokens,
+        "entropy": sums.get("entropy", 0.0) / tokens,
+        "grad_norm": sums.get("grad_norm", 0.0),
+        "lr": sums.get("lr", 0.0),
+        "updates_applied": sums.get("updates_applied", 0.0),
+        "num_loss_tokens": sums.get("tokens", 0.0) / n_updates,
+    }
+    if "kl" in sums:
+        out["kl"] = sums["kl"] / tokens
+    return out

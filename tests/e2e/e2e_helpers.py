@@ -1,0 +1,92 @@
+"""Helpers of the end-to-end trainer tests: tiny assets, fake and misbehaving reward scorers,
+and the per-rank bodies that ``spawn`` runs (module level, so they pickle)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_metis.config import RewardConfig, load_config
+from megatron_metis.rewards import RewardScorer, ScoreBatch
+from megatron_metis.rewards.verifier import GoldCache, Verdict
+
+TIMEOUT_ANSWER = "<think> x </think><answer> $\\boxed{\\sqrt{49}}$ </answer>"
+
+
+def write_assets(root: Path) -> tuple[str, str]:
+    """A small tiny Qwen2.5-VL and a synthetic dataset under ``root``."""
+    from megatron_metis.data.synth import write_synthetic_dataset
+    from megatron_metis.models.tiny import build_tiny_qwen2_5_vl
+
+    hf = build_tiny_qwen2_5_vl(root / "hf", hidden_size=64, num_layers=2)
+    write_synthetic_dataset(root / "data", n=40, seed=0)
+    return str(hf), str(root / "data")
+
+
+def base_overrides(hf_dir: str, data: str, out: str) -> list[str]:
+    return [
+        f"model.hf_dir={hf_dir}",
+        "model.dtype=float32",
+        f"data.train_files=[{data}/train.jsonl]",
+        "data.system_prompt=Solve.",
+        "data.image_min_pixels=3136",
+        "data.image_max_pixels=12544",
+        f"run.output_dir={out}",
+        "rollout.dtype=float32",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "checkpoint.export_hf=false",
+        "rewards.num_workers=0",
+    ]
+
+
+class DigitScorer:
+    """A trivially learnable reward: the fraction of digit characters in the response."""
+
+    def score(self, responses, golds, *, choices=None) -> ScoreBatch:
+        rewards = [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+        return ScoreBatch(rewards, [0.0] * len(rewards), [0.0] * len(rewards), {})
+
+
+def hang(answer: str, gold: str, *, timeout_s: float, cache: GoldCache) -> Verdict:
+    """A verifier that never answers (alarms off): only the scorer's watchdog stops it."""
+    signal.alarm(0)
+    time.sleep(60)
+    return Verdict.WRONG
+
+
+class TimeoutScorer:
+    """Real pool scorer whose verifier hangs on the first response of each batch, and whose
+    rewards are all equal (so every group is filtered)."""
+
+    def __init__(self) -> None:
+        cfg = RewardConfig(num_workers=1, timeout_s=0.3, kill_grace_s=0.2, start_method="spawn")
+        self.inner = RewardScorer(cfg, verify_fn=hang)
+
+    def score(self, responses, golds, *, choices=None) -> ScoreBatch:
+        responses = [TIMEOUT_ANSWER, *responses[1:]]
+        out = self.inner.score(responses, ["7"] * len(responses))
+        zeros = [0.0] * len(responses)
+        return ScoreBatch(zeros, zeros, zeros, out.metrics)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def rl_worker(hf_dir: str, data: str, out: str, scorer_name: str, extra: list[str]) -> dict:
+    """Run ``metis rl`` in this process with a test scorer; return the metrics by step."""
+    from megatron_metis.trainer.metrics import read_metrics
+    from megatron_metis.trainer.rl import run_rl
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, base_overrides(hf_dir, data, out) + list(extra))
+    scorer = DigitScorer() if scorer_name == "digits" else TimeoutScorer()
+    try:
+        run_rl(cfg, scorer=scorer)
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
+    return read_metrics(out, "rl")

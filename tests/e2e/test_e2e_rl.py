@@ -1,0 +1,79 @@
+"""``metis rl`` end to end on a tiny Qwen2.5-VL (CPU): the loop learns a trivially learnable
+reward, and a verifier timeout, responses cut at the length limit and a batch whose groups are
+all filtered leave the run going, with metrics that say what happened."""
+
+from __future__ import annotations
+
+import pytest
+from e2e_helpers import rl_worker, write_assets
+
+from megatron_metis.parallel import spawn
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_rl")
+    hf, data = write_assets(root)
+    return {"hf": hf, "data": data, "root": root}
+
+
+def test_rl_raises_a_learnable_reward(assets):
+    steps = 12
+    extra = [
+        f"train.max_steps={steps}",
+        "grpo.group_size=8",
+        "grpo.num_prompts_per_step=4",
+        "grpo.max_sampling_rounds=1",
+        "rollout.max_new_tokens=8",
+        "rollout.verify_weights=checksum",
+        "optimizer.lr=1e-2",
+        "checkpoint.save_interval=0",
+    ]
+    out = str(assets["root"] / "rl_digits")
+    metrics = spawn(
+        rl_worker, 1, assets["hf"], assets["data"], out, "digits", extra, timeout_s=600
+    )[0]
+    assert sorted(metrics) == list(range(1, steps + 1))
+    first = sum(metrics[s]["reward/mean"] for s in (1, 2)) / 2
+    last = sum(metrics[s]["reward/mean"] for s in (steps - 1, steps)) / 2
+    assert last > first + 0.05, (first, last)
+    row = metrics[steps]
+    assert row["num_truncated"] > 0  # 8 new tokens: most responses hit the length limit
+    assert row["weight_sync/tensors"] > 0 and row["updates_applied"] == 1
+    for key in (
+        "loss",
+        "clip_frac",
+        "entropy",
+        "grad_norm",
+        "response_length/mean",
+        "response_length/max",
+        "groups/filtered",
+        "tokens_per_s/rollout",
+        "tokens_per_s/train",
+        "time/generate",
+        "time/train",
+        "time/weight_sync",
+    ):
+        assert key in row, key
+
+
+def test_timeouts_truncation_and_all_filtered_batches_do_not_stop_the_run(assets):
+    extra = [
+        "train.max_steps=2",
+        "grpo.group_size=2",
+        "grpo.num_prompts_per_step=2",
+        "grpo.max_sampling_rounds=2",
+        "rollout.max_new_tokens=4",
+        "checkpoint.save_interval=0",
+    ]
+    out = str(assets["root"] / "rl_timeouts")
+    metrics = spawn(
+        rl_worker, 1, assets["hf"], assets["data"], out, "timeout", extra, timeout_s=600
+    )[0]
+    assert sorted(metrics) == [1, 2]
+    for row in metrics.values():
+        assert row["verifier/timeouts"] >= 1
+        assert row["num_truncated"] > 0
+        assert row["groups/filtered"] == row["groups/sampled"] == 4
+        assert row["groups/kept"] == 0 and row["groups/batch_full"] == 0
+        assert row["updates_applied"] == 0 and row["updates_skipped_empty_batch"] == 1

@@ -1,0 +1,59 @@
+"""Every recipe in examples/recipes loads and validates; the layouts fit the GPUs named in the
+file name, and the model shapes split at the recipe's TP/PP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from megatron_metis.config import load_config
+from megatron_metis.models.arch import Qwen2Arch
+
+RECIPES = sorted((Path(__file__).resolve().parents[3] / "examples" / "recipes").glob("*.yaml"))
+# decoder shapes of the released checkpoints (config.json text part)
+SHAPES = {
+    "7b": {
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 28,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+    },
+    "72b": {
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 80,
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+    },
+}
+
+
+def test_there_are_cpu_and_gpu_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"sft-tiny-qwen2.5vl-cpu.yaml", "grpo-tiny-qwen2.5vl-cpu.yaml"} <= names
+    for size, layout in (("7b", "1n8g"), ("72b", "8n8g")):
+        assert any(n.startswith(f"grpo-qwen2.5vl-{size}-{layout}") for n in names)
+        assert any(n.startswith(f"sft-qwen2.5vl-{size}-{layout}") for n in names)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads_and_fits_its_cluster(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.max_steps >= 1 or recipe.name.startswith("sft")
+    match = re.search(r"-(\d+)n(\d+)g-", recipe.name)
+    if match is None:
+        assert cfg.parallel.device == "cpu"
+        return
+    gpus = int(match[1]) * int(match[2])
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    assert gpus % model_parallel == 0
+    dp = gpus // model_parallel
+    if recipe.name.startswith("sft"):
+        assert cfg.train.global_batch_size % dp == 0
+    size = re.search(r"qwen2\.5vl-(\d+b)", recipe.name)[1]
+    shape = SHAPES[size]
+    arch = Qwen2Arch.from_hf_dict({**shape, "vocab_size": 152064, "rms_norm_eps": 1e-6})
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)

@@ -1,0 +1,159 @@
+"""Per-rank bodies of the trainer tests (module level, so ``spawn`` can pickle them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_metis.algorithms import sft_loss
+from megatron_metis.config import load_config
+from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
+from megatron_metis.trainer.rollout_io import (
+    build_rollout,
+    probe_sample,
+    sync_weights,
+    trainer_logprobs,
+)
+from megatron_metis.trainer.setup import build_runtime, from_last_stage, sum_over_dp
+from megatron_metis.trainer.sft import sft_step
+from megatron_metis.trainer.sft_data import load_sft_dataset
+
+
+def overrides(hf_dir: str, data: str, out: str, *extra: str) -> list[str]:
+    return [
+        f"model.hf_dir={hf_dir}",
+        "model.dtype=float32",
+        "model.make_vocab_size_divisible_by=128",
+        f"data.train_files=[{data}/train.jsonl]",
+        "data.system_prompt=Solve.",
+        "data.image_min_pixels=3136",
+        "data.image_max_pixels=12544",
+        "sft.response_field=expert",
+        f"run.output_dir={out}",
+        "optimizer.lr=1e-3",
+        "optimizer.clip_grad=0.5",
+        "rollout.dtype=float32",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        *extra,
+    ]
+
+
+def _loss_of(rt, samples: list[Sample], *, pack: bool) -> float:
+    """Forward-only SFT loss of the samples (global token mean) at this layout."""
+    engine = rt.engine
+    rows = pack_rows(samples, max_tokens=2048, pack=pack)
+    mbs = build_microbatches(rows, micro_batch_size=1, pad_id=0, position_fn=engine.position_fn)
+    ntok = engine.global_count(sum(s.num_targets for s in samples))
+
+    def fn(logits, inputs):
+        lp, _ = engine.logprobs(logits, inputs["labels"])
+        return float(sft_loss(lp, inputs["loss_mask"], num_global_tokens=ntok)[0])
+
+    outs = engine.forward_only(mbs, fn)
+    local = from_last_stage(rt.ctx, {"loss": sum(outs)} if rt.ctx.is_last_stage else None)
+    return sum_over_dp(rt.ctx, local)["loss"]
+
+
+def layout_worker(hf_dir: str, data: str, out: str, tp: int, pp: int, steps: int) -> dict:
+    """At one layout: per-sample log-probs, packed/unpacked SFT loss, then ``steps`` SFT steps
+    on a fixed batch (split over DP) with their losses and grad norms."""
+    torch.set_num_threads(1)
+    cfg = load_config(None, overrides(hf_dir, data, out, f"parallel.tp={tp}", f"parallel.pp={pp}"))
+    rt, _ = build_runtime(cfg, phase="sft", total_steps=steps)
+    ds = load_sft_dataset(
+        cfg.data.train_files, cfg.data, cfg.sft, processor=rt.processor, chat=rt.chat
+    )
+    samples = ds.samples(range(6))
+    result: dict = {
+        "logprobs": [lp.clone() for lp in trainer_logprobs(rt, samples, 1.0)],
+        "loss_unpacked": _loss_of(rt, samples, pack=False),
+        "loss_packed": _loss_of(rt, samples, pack=True),
+        "step_loss": [],
+        "grad_norm": [],
+    }
+    mine = ds.samples(range(rt.ctx.dp_rank, 6, rt.ctx.dp))
+    for step in range(steps):
+        metrics = sft_step(rt, mine, step)
+        result["step_loss"].append(metrics["loss"])
+        result["grad_norm"].append(metrics["grad_norm"])
+    result["after_logprobs"] = [lp.clone() for lp in trainer_logprobs(rt, samples[:2], 1.0)]
+    rt.ctx.destroy()
+    return result
+
+
+class CorruptingEngine:
+    """Wraps a rollout engine and perturbs one tensor of the stream on its way in."""
+
+    def __init__(self, inner, name_part: str) -> None:
+        self.inner, self.name_part = inner, name_part
+        self.weight_dtype = inner.weight_dtype
+
+    def load_weights(self, named_tensors):
+        out = []
+        for name, tensor in named_tensors:
+            if self.name_part in name:
+                tensor = tensor.clone()
+                tensor.view(-1)[0] += 0.5
+            out.append((name, tensor))
+        self.inner.load_weights(out)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def sync_worker(hf_dir: str, data: str, out: str, tp: int) -> dict:
+    """Train 2 steps, stream the weights, compare the engine's and the trainer's log-probs;
+    then stream through a corrupting engine under both checks."""
+    from megatron_metis.rollout import WeightSyncError
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, overrides(hf_dir, data, out, f"parallel.tp={tp}"))
+    rt, _ = build_runtime(cfg, phase="sft", total_steps=2)
+    ds = load_sft_dataset(
+        cfg.data.train_files, cfg.data, cfg.sft, processor=rt.processor, chat=rt.chat
+    )
+    for step in range(2):
+        sft_step(rt, ds.samples(range(4)), step)
+    rollout = build_rollout(rt)
+    probe = probe_sample(rt)
+    result: dict = {"sync": sync_weights(rt, rollout, probe)}
+    samples = ds.samples(range(3))
+    mine = trainer_logprobs(rt, samples, 1.0)
+    probe_mine = trainer_logprobs(rt, [probe], 1.0)[0]  # collective: every rank
+    if rollout is not None:
+        theirs = rollout.score([s.token_ids_L.tolist() for s in samples])
+        probe_theirs = rollout.score([probe.token_ids_L.tolist()])[0]
+        result["probe_diff"] = float((probe_mine - probe_theirs).abs().max())
+        # score() takes text only: compare the text samples (image ones need their pixels)
+        result["text_diffs"] = [
+            float((a - b).abs().max())
+            for a, b, s in zip(mine, theirs, samples, strict=True)
+            if s.pixel_values_PC is None
+        ]
+    errors = {}
+    for mode in ("checksum", "logprobs"):
+        bad = CorruptingEngine(rollout, "layers.1.mlp.down_proj") if rollout is not None else None
+        rt.cfg = load_config(
+            None,
+            overrides(hf_dir, data, out, f"parallel.tp={tp}", f"rollout.verify_weights={mode}"),
+        )
+        try:
+            sync_weights(rt, bad, probe)
+            errors[mode] = None
+        except WeightSyncError as err:
+            errors[mode] = str(err)
+    result["errors"] = errors
+    rt.ctx.destroy()
+    return result
+
+
+def write_tiny(root: Path) -> tuple[str, str]:
+    """A small tiny model and synthetic data under ``root`` (for the spawned workers)."""
+    from megatron_metis.data.synth import write_synthetic_dataset
+    from megatron_metis.models.tiny import build_tiny_qwen2_5_vl
+
+    hf = build_tiny_qwen2_5_vl(root / "hf", hidden_size=64, num_layers=2)
+    write_synthetic_dataset(root / "data", n=40, seed=0)
+    return str(hf), str(root / "data")
