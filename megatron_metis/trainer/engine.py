@@ -13,6 +13,7 @@ Legend: B rows, S positions, v local vocabulary columns.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_metis.config import MetisConfig
+from megatron_metis.config import ConfigError, MetisConfig
 from megatron_metis.models.arch import Qwen2Arch
 from megatron_metis.models.forward import Microbatch, run_pipeline
 from megatron_metis.parallel import ParallelContext
@@ -69,6 +70,11 @@ class TrainEngine:
             finalize_model_grads,
         )
 
+        if ctx.cp > 1:
+            raise ConfigError(
+                "parallel.cp > 1: context parallelism is not supported by the trainer yet "
+                "(it needs Transformer Engine attention and CP-sharded batches)"
+            )
         self.module, self.arch, self.ctx, self.cfg = module, arch, ctx, cfg
         _expose_language_model_attrs(module)
         self.total_steps = total_steps
@@ -88,7 +94,8 @@ class TrainEngine:
         self.optimizer: TrainOptimizer
         if ctx.device.type == "cuda":
             dtype = next(module.parameters()).dtype
-            self.optimizer = MegatronOptimizerAdapter(self.ddp, cfg.optimizer, dtype)
+            opt_cfg = dataclasses.replace(cfg.optimizer, use_distributed_optimizer=use_dist_opt)
+            self.optimizer = MegatronOptimizerAdapter(self.ddp, opt_cfg, dtype)
         else:
             self.optimizer = CpuOptimizer(
                 list(module.named_parameters()), ctx, cfg.optimizer, self.ddp.zero_grad_buffer

@@ -74,7 +74,7 @@ class _RLLoop:
         self.rt, self.prompts = rt, prompts
         self.rollout = build_rollout(rt)
         self.scorer = scorer
-        if self.scorer is None and rt.is_generator:
+        if self.scorer is None and self.rollout is not None:
             self.scorer = stack.enter_context(RewardScorer(cfg.rewards))
         self.requests = RequestCache(rt)
         self.probe = probe_sample(rt)
@@ -132,6 +132,7 @@ class _RLLoop:
         batch = None
         if self.rollout is not None and self.scorer is not None:
             assert state.cursor is not None
+            self.rollout.wake()  # awake after a weight stream; asleep after a skipped update
             batch = steps.collect_rollouts(
                 self.rt,
                 self.rollout,
@@ -141,6 +142,7 @@ class _RLLoop:
                 self.requests,
                 step=state.step,
             )
+            self.rollout.sleep()  # free the accelerator for the update (vLLM sleep mode)
         batch = broadcast_from_generator(self.rt.ctx, batch)
         state.cursor = batch.cursor
         return batch
@@ -161,6 +163,8 @@ class _RLLoop:
         return bool(self.test_problems) and (step == last or (interval and step % interval == 0))
 
     def evaluate(self) -> dict[str, float]:
+        if self.rollout is not None:
+            self.rollout.wake()
         return evaluate(self.rt, self.rollout, self.scorer, self.test_problems, self.requests)
 
     def maybe_save(self, state: TrainState) -> None:

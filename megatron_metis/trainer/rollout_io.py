@@ -42,16 +42,19 @@ _VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|visio
 
 
 def build_rollout(rt: Runtime) -> RolloutEngine | None:
-    """The rollout engine on the generator rank (None elsewhere).
+    """The rollout engine: ``hf`` on the generator rank (None elsewhere), ``vllm`` on every
+    rank (its tensor-parallel groups must be the trainer's TP groups: ranks with the same
+    data-parallel replica generate the same batch, and the generator's copy is kept).
 
     The ``hf`` backend never samples vision placeholder tokens: a weak policy (the tiny random
     model) otherwise emits ``<|image_pad|>`` tokens that have no image features, which breaks
     the log-prob forward of the engine and of the trainer.
     """
+    if rt.cfg.rollout.backend != "hf":
+        # vLLM is SPMD: every rank creates its share of a colocated engine (external launcher)
+        return build_rollout_engine(rt.cfg.rollout, rt.hf_dir, device=rt.ctx.device)
     if not rt.is_generator:
         return None
-    if rt.cfg.rollout.backend != "hf":
-        return build_rollout_engine(rt.cfg.rollout, rt.hf_dir, device=rt.ctx.device)
     from megatron_metis.rollout.hf_engine import HFRolloutEngine
 
     class _NoVisionTokensEngine(HFRolloutEngine):
@@ -113,6 +116,7 @@ def sync_weights(rt: Runtime, rollout: RolloutEngine | None, probe: Sample) -> d
     report = None
     error = None
     if rollout is not None:
+        rollout.wake()
         verify = "checksum" if cfg.verify_weights == "checksum" else "none"
         try:
             report = stream_weights(

@@ -221,4 +221,6 @@ class _Evaluator:
     def __call__(self, step: int) -> dict[str, float]:
         sync = sync_weights(self.rt, self.rollout, self.probe)
         metrics = evaluate(self.rt, self.rollout, self.scorer, self.problems, self.requests)
+        if self.rollout is not None:
+            self.rollout.sleep()
         return {**metrics, **sync}
