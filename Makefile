@@ -26,7 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check megatron_metis kernels tools tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python tools/demo.py --out-dir runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out runs/demo/data --n 400 --seed 0
+	HF_HUB_OFFLINE=1 $(BIN)/metis pipeline examples/recipes/pipeline-tiny-cpu.yaml
 
 clean:
 	rm -rf $(VENV) *.egg-info runs

@@ -3,6 +3,7 @@
     metis triage RECIPE --ckpt HF_DIR [--out DIR] [--force] [section.key=value ...]
     metis expert RECIPE [--triage DIR] [--out DIR] [--force] [section.key=value ...]
     metis eval RECIPE --ckpt HF_DIR [--data FILE ...] [--label L] [--out DIR] [--force] [...]
+    metis pipeline RECIPE [--force] [section.key=value ...]
 
 Each stage writes into its folder (default under ``run.output_dir``), is skipped when its
 ``DONE`` marker exists (``--force`` re-runs it) and resumes from its progress files otherwise.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,13 @@ def register(subparsers: Any) -> None:
         )
         _add_options(parser, command)
         parser.set_defaults(func=handler, command_name=command)
+    pipeline = subparsers.add_parser(
+        "pipeline", help="Metis-RISE end to end: [warm-up] -> RL -> triage -> expert -> SFT -> eval"
+    )
+    pipeline.add_argument("recipe", help="pipeline recipe (examples/recipes/pipeline-*.yaml)")
+    pipeline.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
+    pipeline.add_argument("--force", action="store_true", help="re-run stages that are done")
+    pipeline.set_defaults(func=run_pipeline_cmd)
 
 
 def _reparse(args: argparse.Namespace) -> argparse.Namespace:
@@ -126,4 +135,27 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
         cfg, args.ckpt, args.data, out, label=label, force=args.force, device=args.device
     )
     _print(summary, out, ("eval.md", "eval.json"))
+    return 0
+
+
+def run_pipeline_cmd(args: argparse.Namespace) -> int:
+    from megatron_metis.config import ConfigError
+    from megatron_metis.parallel import WorkerError
+    from megatron_metis.stages.pipeline import run_metis_rise
+
+    try:
+        cfg = _config(args)
+        results = run_metis_rise(cfg, force=args.force)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except WorkerError as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        print(f"error: {lines[-1] if lines else err}", file=sys.stderr)
+        return 1
+    report = Path(cfg.run.output_dir) / "report"
+    print((report / "results.md").read_text())
+    print(f"report: {report / 'results.md'}, {report / 'results.json'}")
+    for plot in results.get("plots", []):
+        print(f"plot: {report / plot}")
     return 0

@@ -12,21 +12,7 @@ import argparse
 import os
 import sys
 
-from megatron_metis.config import ConfigError, MetisConfig, load_config
-
-
-def _phase_rank(phase: str, cfg: MetisConfig, threads: int) -> dict[str, float]:
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    if phase == "sft":
-        from megatron_metis.trainer.sft import run_sft
-
-        return run_sft(cfg)
-    from megatron_metis.trainer.rl import run_rl
-
-    return run_rl(cfg)
+from megatron_metis.config import ConfigError, load_config
 
 
 def run_phase(phase: str, args: argparse.Namespace) -> int:
@@ -34,15 +20,18 @@ def run_phase(phase: str, args: argparse.Namespace) -> int:
     from megatron_metis.checkpoint import CheckpointError
     from megatron_metis.parallel import WorkerError, launched_externally, spawn
     from megatron_metis.rollout import WeightSyncError
+    from megatron_metis.trainer.launch import run_phase_on_rank
 
     try:
         cfg = load_config(args.recipe, args.overrides)
         nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
         threads = max(1, (os.cpu_count() or 1) // nproc)
         if launched_externally(os.environ) or nproc == 1:
-            final = _phase_rank(phase, cfg, 0 if launched_externally(os.environ) else threads)
+            final = run_phase_on_rank(phase, cfg, 0 if launched_externally(os.environ) else threads)
         else:
-            final = spawn(_phase_rank, nproc, phase, cfg, threads, timeout_s=args.timeout_s)[0]
+            final = spawn(run_phase_on_rank, nproc, phase, cfg, threads, timeout_s=args.timeout_s)[
+                0
+            ]
     except (CheckpointError, ConfigError, WeightSyncError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

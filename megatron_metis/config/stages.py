@@ -132,6 +132,19 @@ class EvalConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class PipelineConfig:
+    rl_recipe: str = ""
+    """Recipe of the RL phase (its optimizer, grpo, rollout and train sections); the pipeline
+    sets its ``run.output_dir`` and ``model.hf_dir``. Relative paths: from the working dir."""
+    sft_recipe: str = ""
+    """Recipe of the targeted SFT phase; the pipeline sets ``run.output_dir``, ``model.hf_dir``,
+    ``data.train_files`` (the SFT mix) and ``sft.response_field``."""
+    warmup_recipe: str = ""
+    """Optional SFT before everything (the tiny demo's stand-in for an instruct model): its
+    exported policy becomes the base model. Empty: ``model.hf_dir`` is the base."""
+    rl_overrides: list[str] = field(default_factory=list)
+    """Dotted overrides applied to the RL recipe (e.g. ``train.max_steps=20``)."""
+    sft_overrides: list[str] = field(default_factory=list)
+    warmup_overrides: list[str] = field(default_factory=list)
     rounds: int = 1
     """RL -> SFT rounds; > 1 runs the paper's future-work iteration (round r starts RL from
     round r-1's SFT checkpoint)."""
