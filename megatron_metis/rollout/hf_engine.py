@@ -46,6 +46,8 @@ _VL_RENAMES = (
 )
 _TEXT_RENAMES = ((re.compile(r"^model\.language_model\."), "model."),)
 
+_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
 
 class HFRolloutEngine:
     """Wraps a transformers causal LM (``Qwen2ForCausalLM`` or
@@ -157,8 +159,12 @@ class HFRolloutEngine:
         return out
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """Sampling settings; vision placeholder tokens are never generated: a completion is
+        text, and an ``<|image_pad|>`` without image features breaks every later forward of
+        prompt + completion (a weak policy, like the tiny random model, does sample them)."""
         sample = params.temperature > 0
         return GenerationConfig(
+            suppress_tokens=self._vision_token_ids() or None,
             do_sample=sample,
             temperature=params.temperature if sample else None,
             top_p=params.top_p if sample else None,
@@ -168,6 +174,11 @@ class HFRolloutEngine:
             pad_token_id=self.pad_id,
             stop_strings=list(params.stop) or None,
         )
+
+    def _vision_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in _VISION_TOKENS]
+        unk = self.tokenizer.unk_token_id
+        return [i for i in ids if isinstance(i, int) and i >= 0 and i != unk]
 
     @torch.no_grad()
     def _generate_batch(

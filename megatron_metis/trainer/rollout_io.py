@@ -38,17 +38,11 @@ from megatron_metis.trainer.setup import (
     sum_over_dp,
 )
 
-_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-
 
 def build_rollout(rt: Runtime) -> RolloutEngine | None:
     """The rollout engine: ``hf`` on the generator rank (None elsewhere), ``vllm`` on every
     rank (its tensor-parallel groups must be the trainer's TP groups: ranks with the same
     data-parallel replica generate the same batch, and the generator's copy is kept).
-
-    The ``hf`` backend never samples vision placeholder tokens: a weak policy (the tiny random
-    model) otherwise emits ``<|image_pad|>`` tokens that have no image features, which breaks
-    the log-prob forward of the engine and of the trainer.
     """
     if rt.cfg.rollout.backend != "hf":
         # vLLM is SPMD: every rank creates its share of a colocated engine (external launcher)
@@ -57,14 +51,7 @@ def build_rollout(rt: Runtime) -> RolloutEngine | None:
         return None
     from megatron_metis.rollout.hf_engine import HFRolloutEngine
 
-    class _NoVisionTokensEngine(HFRolloutEngine):
-        def _generation_config(self, params):
-            config = super()._generation_config(params)
-            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in _VISION_TOKENS]
-            config.suppress_tokens = [i for i in ids if isinstance(i, int) and i >= 0]
-            return config
-
-    return _NoVisionTokensEngine.from_pretrained(rt.hf_dir, rt.cfg.rollout, device=rt.ctx.device)
+    return HFRolloutEngine.from_pretrained(rt.hf_dir, rt.cfg.rollout, device=rt.ctx.device)
 
 
 class RequestCache:
