@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines ``register(subparsers)``, which adds its subcommand(s) and sets
-# ``func(args) -> int`` on them. Modules are imported lazily so `metis --help` stays fast.
+# ``func(args) -> int`` on them. Each module imports its heavy dependencies inside its
+# handlers, so `metis --help` stays fast.
 _COMMAND_MODULES = (
     "megatron_metis.cli.convert_cmd",
     "megatron_metis.cli.data_cmd",
@@ -24,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # a command module that is not written yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
