@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from megatron_metis.config.loader import ConfigError
 
@@ -26,7 +27,17 @@ class TrainConfig:
     ``sft.pack_sequences``. Qwen2.5-VL samples pack too (M-RoPE ids are per sample)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk of the vocab-parallel log-softmax: the fp32 softmax is materialised for
-    this many tokens at a time, never for the whole micro-batch."""
+    this many tokens at a time, never for the whole micro-batch (both ``logprob_impl``s)."""
+    logprob_impl: Literal["logits", "fused"] = "logits"
+    """How the trainer gets per-token log-probs (GRPO loss, old/reference log-probs, SFT loss,
+    weight-stream checks): ``logits``: Megatron's output layer makes the vocab-parallel logits
+    ``[B, S, V/tp]``, then a chunked log-softmax; ``fused``: the last stage returns its hidden
+    states and the fused kernel (``megatron_metis.kernels.fused_logprob``) computes the
+    log-probs from them and the output weight shard, never holding the logits. Same results
+    up to fp32 summation order; any TP/PP, packed sequences, tied or untied embeddings."""
+    fused_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """Backend of ``logprob_impl=fused``: ``auto`` (Triton on CUDA, chunked PyTorch on CPU),
+    ``torch`` (chunked PyTorch) or ``triton``."""
     eval_interval: int = 0
     """Held-out accuracy (greedy, the rollout engine) every N steps (0: at the end only)."""
     eval_max_problems: int = 64
@@ -47,3 +58,11 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.logprob_impl not in ("logits", "fused"):
+            raise ConfigError(
+                f"train.logprob_impl must be logits or fused, got {self.logprob_impl}"
+            )
+        if self.fused_kernel not in ("auto", "torch", "triton"):
+            raise ConfigError(
+                f"train.fused_kernel must be auto, torch or triton, got {self.fused_kernel}"
+            )

@@ -8,7 +8,12 @@ that the caller computes with ``global_count``; DDP averages gradients over DP, 
 multiplies each loss by the DP size: the result is exactly the gradient of the globally
 normalised loss, whatever the split over micro-batches and ranks.
 
-Legend: B rows, S positions, v local vocabulary columns.
+With ``train.logprob_impl=fused`` the model's last stage returns its hidden states instead of
+logits (``models.output_head``) and ``logprobs`` computes them with the fused kernel: a loss
+function receives ``hidden_BSH`` where it would receive ``logits_BSv`` and passes it on to
+``logprobs`` unchanged, so loss functions work the same in both modes.
+
+Legend: B rows, S positions, v local vocabulary columns, H hidden size.
 """
 
 from __future__ import annotations
@@ -24,9 +29,19 @@ import torch.distributed as dist
 from megatron_metis.config import ConfigError, MetisConfig
 from megatron_metis.models.arch import Qwen2Arch
 from megatron_metis.models.forward import Microbatch, run_pipeline
+from megatron_metis.models.output_head import (
+    install_hidden_state_head,
+    kernel_reduces_grad_hidden,
+    output_weight,
+    returns_hidden_states,
+)
 from megatron_metis.parallel import ParallelContext
 from megatron_metis.trainer.batching import PositionFn
-from megatron_metis.trainer.logprobs import VocabShard, vocab_parallel_logprobs
+from megatron_metis.trainer.logprobs import (
+    VocabShard,
+    fused_vocab_parallel_logprobs,
+    vocab_parallel_logprobs,
+)
 from megatron_metis.trainer.optimizer import (
     CpuOptimizer,
     MegatronOptimizerAdapter,
@@ -77,6 +92,9 @@ class TrainEngine:
             )
         self.module, self.arch, self.ctx, self.cfg = module, arch, ctx, cfg
         _expose_language_model_attrs(module)
+        self.fused_logprobs = cfg.train.logprob_impl == "fused"
+        if self.fused_logprobs:
+            install_hidden_state_head(module)
         self.total_steps = total_steps
         use_dist_opt = (
             cfg.optimizer.use_distributed_optimizer and ctx.dp > 1 and ctx.device.type == "cuda"
@@ -114,16 +132,44 @@ class TrainEngine:
             return None
         return lambda ids, grid: self.module.position_ids(ids, grid)
 
+    def match_output(self, model: torch.nn.Module) -> None:
+        """Give another model of this engine's layout (the KL reference model) the engine's
+        output: hidden states under ``train.logprob_impl=fused``, logits otherwise."""
+        if self.fused_logprobs:
+            install_hidden_state_head(model)
+
     def logprobs(
-        self, logits_BSv: torch.Tensor, labels_BS: torch.Tensor, *, temperature: float = 1.0
+        self,
+        output_BSx: torch.Tensor,
+        labels_BS: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs, entropies) ``[B, S]`` of the labels, chunked and vocab-parallel."""
+        """(log-probs, entropies) ``[B, S]`` of the labels, chunked and vocab-parallel.
+
+        Args:
+            output_BSx: what ``model``'s last stage returned: logits ``[B, S, v]``, or hidden
+                states ``[B, S, H]`` when it has the hidden-state head (then the fused kernel
+                runs with ``model``'s output weight shard).
+            model: the model that produced ``output_BSx`` (default: the policy).
+        """
+        model = self.module if model is None else model
+        chunk = self.cfg.train.logprob_chunk_tokens
+        labels_BS = labels_BS.clamp(min=0)
+        if returns_hidden_states(model):
+            return fused_vocab_parallel_logprobs(
+                output_BSx,
+                output_weight(model),
+                labels_BS,
+                self.vocab_shard,
+                temperature=temperature,
+                reduce_grad_hidden=kernel_reduces_grad_hidden(model),
+                chunk_tokens=chunk,
+                impl=self.cfg.train.fused_kernel,
+            )
         return vocab_parallel_logprobs(
-            logits_BSv,
-            labels_BS.clamp(min=0),
-            self.vocab_shard,
-            temperature=temperature,
-            chunk_tokens=self.cfg.train.logprob_chunk_tokens,
+            output_BSx, labels_BS, self.vocab_shard, temperature=temperature, chunk_tokens=chunk
         )
 
     def global_count(self, value: float) -> float:
@@ -156,7 +202,8 @@ class TrainEngine:
 
     @torch.no_grad()
     def forward_only(self, microbatches: Sequence[Microbatch], fn: LossFn) -> list[Any]:
-        """``fn(logits, loss_inputs)`` of every micro-batch (last stage; [] elsewhere)."""
+        """``fn(output, loss_inputs)`` of every micro-batch (last stage; [] elsewhere); the
+        output is logits or hidden states, as ``logprobs`` takes it."""
         self.ddp.eval()
         return run_pipeline(self.ddp, self.ctx, microbatches, fn, forward_only=True)
 

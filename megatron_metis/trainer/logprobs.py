@@ -18,7 +18,12 @@ saved ``log Z``. Temperature divides the logits first (the rollout engine's conv
 The entropy of the tempered distribution comes out of the same passes (``with_entropy``),
 without gradient (a metric).
 
-Legend: B rows, S positions, N = B * S tokens, v = V_pad / tp local vocabulary columns.
+``fused_vocab_parallel_logprobs`` is the same function of the hidden states before the output
+layer and this rank's output weight shard (``train.logprob_impl=fused``): the fused kernel
+never holds the logits, neither forward nor backward; its entropy is detached here too.
+
+Legend: B rows, S positions, N = B * S tokens, v = V_pad / tp local vocabulary columns,
+H hidden size.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_metis.kernels.fused_logprob import fused_linear_logprob
 
 
 @dataclass(frozen=True)
@@ -146,3 +153,48 @@ def vocab_parallel_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return _VocabParallelLogprob.apply(logits_BSv, labels_BS, shard, temperature, chunk_tokens)
+
+
+def fused_vocab_parallel_logprobs(
+    hidden_BSH: torch.Tensor,
+    weight_vH: torch.Tensor,
+    labels_BS: torch.Tensor,
+    shard: VocabShard,
+    *,
+    temperature: float = 1.0,
+    reduce_grad_hidden: bool,
+    chunk_tokens: int = 1024,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vocab_parallel_logprobs`` of ``hidden_BSH @ weight_vH.T`` without the logits.
+
+    Args:
+        hidden_BSH: the last stage's hidden states, replicated over TP.
+        weight_vH: this rank's vocabulary shard of the output weight (padding rows included).
+        labels_BS, shard, temperature: as in :func:`vocab_parallel_logprobs`.
+        reduce_grad_hidden: all-reduce the gradient of ``hidden_BSH`` over the TP group in the
+            kernel; False when the caller's graph does it (``models.output_head``).
+        chunk_tokens: tokens per chunk of the kernel's fp32 blocks.
+        impl: the kernel backend (``auto``, ``torch``, ``triton``).
+
+    Returns:
+        fp32 log-probs ``[B, S]`` (differentiable w.r.t. ``hidden_BSH`` and ``weight_vH``) and
+        fp32 entropies ``[B, S]`` (detached).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp_N, ent_N = fused_linear_logprob(
+        hidden_BSH.reshape(-1, hidden_BSH.shape[-1]),
+        weight_vH,
+        labels_BS.reshape(-1),
+        temperature=temperature,
+        tp_group=shard.group if shard.distributed else None,
+        vocab_start=shard.start,
+        vocab_size=shard.vocab_size,
+        compute_entropy=True,
+        chunk_size=chunk_tokens,
+        reduce_grad_hidden=reduce_grad_hidden,
+        impl=impl,
+    )
+    assert ent_N is not None
+    return logp_N.view(labels_BS.shape), ent_N.detach().view(labels_BS.shape)

@@ -237,10 +237,16 @@ def attach_logprobs(
     temperature: float,
 ) -> None:
     """Forward-only pass of ``model`` over every micro-batch; stores its log-probs ``[b, S]``
-    in the micro-batch's loss inputs under ``key`` (on the last stage, where the loss runs)."""
+    in the micro-batch's loss inputs under ``key`` (on the last stage, where the loss runs).
 
-    def fn(logits, inputs):
-        return engine.logprobs(logits, inputs["labels"], temperature=temperature)[0].detach()
+    ``model`` is first given the engine's output mode (``train.logprob_impl``), so that under
+    ``fused`` the reference model's log-probs skip the logits too.
+    """
+    engine.match_output(model)
+
+    def fn(output, inputs):
+        lp, _ = engine.logprobs(output, inputs["labels"], temperature=temperature, model=model)
+        return lp.detach()
 
     for mbs in minibatches:
         model.eval()
@@ -251,11 +257,20 @@ def attach_logprobs(
 
 
 def grpo_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, float]) -> LossFn:
-    """Loss of one micro-batch: the clipped policy loss (+ KL), globally normalised."""
+    """Loss of one micro-batch: the clipped policy loss (+ KL), globally normalised.
+
+    The loss function receives the last stage's output, logits or (``train.logprob_impl=fused``)
+    hidden states, and ``engine.logprobs`` turns either into per-token log-probs: with
+    ``fused`` the kernel computes them from the hidden states and the output weight shard,
+    and its backward gives the gradients of both without the logits. The clipped objective
+    on top is ``algorithms.grpo_loss`` in both modes: ``[T]``-sized ops, the same math as the
+    kernel package's ``fused_grpo_loss`` (parity-tested in ``tests/unit/algorithms``), plus the
+    KL term and metrics the trainer reports.
+    """
     temperature = temperature_of(cfg)
 
-    def loss_fn(logits, inputs):
-        logprobs, entropy = engine.logprobs(logits, inputs["labels"], temperature=temperature)
+    def loss_fn(output, inputs):
+        logprobs, entropy = engine.logprobs(output, inputs["labels"], temperature=temperature)
         mask = inputs["loss_mask"]
         loss, metrics = grpo_loss(
             logprobs,
