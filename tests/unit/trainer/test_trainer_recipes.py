@@ -11,7 +11,11 @@ import pytest
 from megatron_metis.config import load_config
 from megatron_metis.models.arch import Qwen2Arch
 
-RECIPES = sorted((Path(__file__).resolve().parents[3] / "examples" / "recipes").glob("*.yaml"))
+ALL_RECIPES = sorted(
+    (Path(__file__).resolve().parents[3] / "examples" / "recipes").glob("*.yaml")
+)
+RECIPES = [p for p in ALL_RECIPES if not p.name.startswith("pipeline-")]
+PIPELINES = [p for p in ALL_RECIPES if p.name.startswith("pipeline-")]
 # decoder shapes of the released checkpoints (config.json text part)
 SHAPES = {
     "7b": {
@@ -57,3 +61,21 @@ def test_recipe_loads_and_fits_its_cluster(recipe):
     shape = SHAPES[size]
     arch = Qwen2Arch.from_hf_dict({**shape, "vocab_size": 152064, "rms_norm_eps": 1e-6})
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+
+
+@pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_recipe_and_its_phase_recipes_load(recipe, monkeypatch):
+    """A pipeline recipe names its phase recipes; each loads with the pipeline's overrides."""
+    from megatron_metis.stages.pipeline import phase_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
+    cfg = load_config(recipe)
+    p = cfg.pipeline
+    for phase_recipe, overrides in (
+        (p.warmup_recipe, p.warmup_overrides),
+        (p.rl_recipe, p.rl_overrides),
+        (p.sft_recipe, p.sft_overrides),
+    ):
+        if phase_recipe:
+            phase = phase_config(phase_recipe, overrides, **{"run.output_dir": "x"})
+            assert phase.train.max_steps >= 1
