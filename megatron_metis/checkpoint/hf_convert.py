@@ -59,7 +59,7 @@ def global_layer_index(model: torch.nn.Module) -> dict[int, int]:
 
 
 def _local_name(rule: WeightRule, layer: int | None, state: dict, local_of: dict[int, int]):
-    """The state-dict name of (rule, global layer) on this rank, or None if another stage owns it."""
+    """State-dict name of (rule, global layer) on this rank; None if another stage owns it."""
     if layer is not None:
         if layer not in local_of:
             return None
@@ -95,7 +95,7 @@ def load_hf_weights(
         if name is None:
             continue
         hf_names = rule.hf_names(prefix, layer)
-        for hf_name, expected in zip(hf_names, rule.hf_shapes(arch)):
+        for hf_name, expected in zip(hf_names, rule.hf_shapes(arch), strict=True):
             found = reader.shape(hf_name)
             if found != expected:
                 raise CheckpointError(
@@ -191,7 +191,7 @@ def export_hf_weights(
             tensors = _gather_full(rule, state[name], ctx, spec)
         if ctx.pp > 1:
             tensors = _broadcast_from_stage(tensors, stage, ctx)
-        yield from zip(rule.hf_names(hf_prefix, layer), tensors)
+        yield from zip(rule.hf_names(hf_prefix, layer), tensors, strict=True)
     if vision_language:
         yield from _export_vision(vision, ctx, tensor_of)
 

@@ -35,6 +35,10 @@ class DataConfig:
     """Qwen2.5-VL smart-resize lower bound (paper's best practice; tiny recipes use 56*56)."""
     image_max_pixels: int = 16384 * 28 * 28
     """Qwen2.5-VL smart-resize upper bound."""
+    train_modality: Literal["all", "image", "text"] = "all"
+    """Which rows of ``train_files`` a training phase (``metis rl``, ``metis sft``) uses: all,
+    only those with an image, or only text-only ones (the paper's RL-data ablation). Test
+    files are never filtered."""
 
     def validate(self) -> None:
         if self.max_prompt_tokens < 1:

@@ -4,7 +4,14 @@ the tiny offline tokenizer. Imports only ``megatron_metis.config`` (never ``rewa
 Heavy submodules (``tokenizer``, ``synth``) are imported from their own modules.
 """
 
-from megatron_metis.data.check import BadRow, DatasetError, LoadResult, check_files, load_problems
+from megatron_metis.data.check import (
+    BadRow,
+    DatasetError,
+    LoadResult,
+    check_files,
+    load_problems,
+    load_training_problems,
+)
 from megatron_metis.data.messages import (
     build_messages,
     count_prompt_tokens,
@@ -24,6 +31,7 @@ __all__ = [
     "count_prompt_tokens",
     "image_token_count",
     "load_problems",
+    "load_training_problems",
     "problem_from_row",
     "render_prompt",
 ]

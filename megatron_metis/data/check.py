@@ -128,6 +128,30 @@ def check_files(
     return result
 
 
+def load_training_problems(
+    paths: Sequence[str | Path], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
+) -> list[Problem]:
+    """``load_problems`` of training files, keeping the rows of ``cfg.train_modality``.
+
+    Raises:
+        DatasetError: as ``load_problems``, or when no row of that modality is left.
+    """
+    problems = load_problems(paths, cfg, tokenizer).problems
+    if cfg.train_modality == "all":
+        return problems
+    kept = [p for p in problems if p.modality == cfg.train_modality]
+    logger.info(
+        "data.train_modality=%s: %d of %d training rows",
+        cfg.train_modality,
+        len(kept),
+        len(problems),
+    )
+    if not kept:
+        names = ", ".join(str(p) for p in paths)
+        raise DatasetError(f"data.train_modality={cfg.train_modality}: no such rows in {names}")
+    return kept
+
+
 def load_problems(
     paths: Sequence[str | Path], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None
 ) -> LoadResult:

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from megatron_metis.config import ConfigError, MetisConfig
-from megatron_metis.data import Problem, load_problems
+from megatron_metis.data import Problem, load_problems, load_training_problems
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.trainer import rl_steps as steps
 from megatron_metis.trainer.checkpointing import save_train_checkpoint
@@ -57,8 +57,8 @@ def run_rl(cfg: MetisConfig, *, scorer: RewardScorer | None = None) -> dict[str,
 
 def _my_prompts(rt: Runtime) -> list[Problem]:
     """This data-parallel replica's shard of the training prompts."""
-    loaded = load_problems(list(rt.cfg.data.train_files), rt.cfg.data, rt.tokenizer)
-    mine = loaded.problems[rt.ctx.dp_rank :: rt.ctx.dp]
+    problems = load_training_problems(list(rt.cfg.data.train_files), rt.cfg.data, rt.tokenizer)
+    mine = problems[rt.ctx.dp_rank :: rt.ctx.dp]
     if not mine:
         raise ValueError("no training prompts for this data-parallel rank")
     return mine

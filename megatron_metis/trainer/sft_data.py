@@ -16,7 +16,7 @@ from typing import Any
 
 from megatron_metis.algorithms.sft import ChatTokenIds, assistant_target_mask
 from megatron_metis.config import DataConfig, SFTConfig
-from megatron_metis.data import Problem, build_messages, load_problems
+from megatron_metis.data import Problem, build_messages, load_training_problems
 from megatron_metis.data.vl_inputs import VLPrompt, encode_prompts
 from megatron_metis.trainer.batching import Sample
 
@@ -88,15 +88,15 @@ def load_sft_dataset(
     chat: ChatTokenIds,
 ) -> SFTDataset:
     """Read and validate the files; rows without a target response are skipped (logged)."""
-    result = load_problems(list(files), data_cfg, processor.tokenizer)
+    loaded = load_training_problems(list(files), data_cfg, processor.tokenizer)
     problems, responses = [], []
-    for problem in result.problems:
+    for problem in loaded:
         response = response_of(problem, sft_cfg.response_field)
         if response is None:
             continue
         problems.append(problem)
         responses.append(response)
-    skipped = len(result.problems) - len(problems)
+    skipped = len(loaded) - len(problems)
     if skipped:
         logger.warning("%d rows have no %r field and are skipped", skipped, sft_cfg.response_field)
     if not problems:

@@ -8,6 +8,7 @@ module imports one (and spawned TP ranks inherit it).
 from __future__ import annotations
 
 import os
+
 import torch
 
 if not torch.cuda.is_available():

@@ -81,3 +81,36 @@ def test_data_config_validation_names_the_key() -> None:
         build_dataclass(DataConfig, {"on_bad_row": "ignore"}, prefix="data")
     with pytest.raises(ConfigError, match="data.image_max_pixels"):
         build_dataclass(DataConfig, {"image_max_pixels": 10}, prefix="data")
+
+
+@pytest.mark.parametrize(
+    ("modality", "ids"),
+    [("all", ["t-1", "i-1", "t-2"]), ("image", ["i-1"]), ("text", ["t-1", "t-2"])],
+)
+def test_train_modality_selects_training_rows(
+    tmp_path: Path, modality: str, ids: list[str]
+) -> None:
+    from megatron_metis.data import load_training_problems
+
+    Image.new("RGB", (56, 56), (255, 0, 0)).save(tmp_path / "red.png")
+    rows = [
+        {"id": "t-1", "question": "Compute 2 + 3.", "answer": "5"},
+        {"id": "i-1", "question": "How many?", "answer": "1", "images": ["red.png"]},
+        {"id": "t-2", "question": "Compute 1 + 1.", "answer": "2"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_dataclass(DataConfig, {"train_modality": modality})
+    assert [p.id for p in load_training_problems([path], cfg, None)] == ids
+
+
+def test_train_modality_without_matching_rows_names_the_key(tmp_path: Path) -> None:
+    from megatron_metis.data import load_training_problems
+
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    cfg = build_dataclass(DataConfig, {"train_modality": "image"})
+    with pytest.raises(DatasetError, match=r"data.train_modality=image.*text.jsonl"):
+        load_training_problems([path], cfg, None)
+    with pytest.raises(ConfigError, match="train_modality"):
+        build_dataclass(DataConfig, {"train_modality": "video"})
