@@ -195,7 +195,7 @@ class HFRolloutEngine:
             attention_mask=mask_BL,
             generation_config=self._generation_config(params),
             tokenizer=self.tokenizer,
-            **self._mm_kwargs(reqs),
+            **self._mm_kwargs(reqs, input_ids_BL),
         )[:, input_ids_BL.shape[1] :]
         trimmed = [self._trim(row.tolist(), params) for row in new_BL.cpu()]
         temperature = params.temperature if params.temperature > 0 else 1.0
@@ -245,8 +245,15 @@ class HFRolloutEngine:
                 mask_BL[b, length - len(s) :] = 1
         return ids_BL.to(self._device), mask_BL.to(self._device)
 
-    def _mm_kwargs(self, reqs: Sequence[RolloutRequest]) -> dict[str, torch.Tensor]:
-        """Vision inputs of the batch, concatenated in row order (Qwen2.5-VL layout)."""
+    def _mm_kwargs(
+        self, reqs: Sequence[RolloutRequest], input_ids_BL: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Vision inputs of the batch, concatenated in row order (Qwen2.5-VL layout).
+
+        With images, ``mm_token_type_ids`` (1 at image tokens, 2 at video tokens) goes along:
+        transformers 5 computes the M-RoPE positions of the image tokens from it, and without
+        it silently gives them plain 1-D positions, which the trainer never uses.
+        """
         parts: dict[str, list[torch.Tensor]] = {}
         for req in reqs:
             mm = req.mm_inputs
@@ -258,7 +265,18 @@ class HFRolloutEngine:
                 )
             for key, value in (mm or {}).items():
                 parts.setdefault(key, []).append(value)
-        return {k: torch.cat(v).to(self._device) for k, v in parts.items()}
+        kwargs = {k: torch.cat(v).to(self._device) for k, v in parts.items()}
+        if kwargs:
+            kwargs["mm_token_type_ids"] = self._mm_token_types(input_ids_BL)
+        return kwargs
+
+    def _mm_token_types(self, input_ids_BL: torch.Tensor) -> torch.Tensor:
+        types_BL = torch.zeros_like(input_ids_BL, dtype=torch.int)
+        for kind, token in ((1, "<|image_pad|>"), (2, "<|video_pad|>")):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                types_BL[input_ids_BL == token_id] = kind
+        return types_BL
 
     # ------------------------------------------------------------------ scoring
 
@@ -288,7 +306,7 @@ class HFRolloutEngine:
         """One forward over left-padded prompt + completion; fp32 log-probs per completion."""
         ids_BL, mask_BL = self._left_pad([p + c for p, c in zip(prompts, completions, strict=True)])
         keep = max(len(c) for c in completions) + 1
-        kwargs: dict[str, Any] = self._mm_kwargs(reqs)
+        kwargs: dict[str, Any] = self._mm_kwargs(reqs, ids_BL)
         if not self._is_vl:  # Qwen2.5-VL derives its M-RoPE positions from the mask itself
             kwargs["position_ids"] = (mask_BL.cumsum(-1) - 1).clamp(min=0)
         logits_BKV = self.model(

@@ -184,11 +184,17 @@ def build_samples(batch: RolloutBatch, requests: RequestCache, cfg: MetisConfig)
                 ]
             )
             ids_L = torch.cat([prompt_L, resp_L])
+            rollout_lp_L = torch.zeros(len(ids_L))
+            if len(completion.logprobs) == len(resp_L):
+                rollout_lp_L[len(prompt_L) :] = torch.tensor(completion.logprobs)
             samples.append(
                 Sample(
                     token_ids_L=ids_L,
                     target_mask_L=target_L,
-                    values={"advantage": torch.full((len(ids_L),), float(adv_BG[b, i]))},
+                    values={
+                        "advantage": torch.full((len(ids_L),), float(adv_BG[b, i])),
+                        "rollout_logprob": rollout_lp_L,
+                    },
                     pixel_values_PC=mm.get("pixel_values"),
                     image_grid_thw_N3=mm.get("image_grid_thw"),
                     index=len(samples),
@@ -284,11 +290,13 @@ def grpo_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, floa
             ref_logprobs=inputs.get("ref_logprobs"),
         )
         n = metrics["num_tokens"]
+        gap = (logprobs.detach() - inputs["value:rollout_logprob"]).abs()
         out = {
             "tokens": n,
             "clip_frac": metrics["clip_frac"] * n,
             "entropy": (entropy * mask).sum(),
             "pg_loss": metrics["pg_loss"],
+            "rollout_logprob_gap": (gap * mask).sum(),
         }
         if "kl" in metrics:
             out["kl"] = metrics["kl"] * n
@@ -374,6 +382,9 @@ def update_metrics(sums: Mapping[str, float], n_updates: int) -> dict[str, float
         "lr": sums.get("lr", 0.0),
         "updates_applied": sums.get("updates_applied", 0.0),
         "num_loss_tokens": sums.get("tokens", 0.0) / n_updates,
+        # mean |trainer - rollout engine| log-prob of the response tokens: ~0 on-policy when
+        # both see the same weights and inputs (images included); it grows with later updates
+        "rollout_logprob_gap": sums.get("rollout_logprob_gap", 0.0) / tokens,
     }
     if "kl" in sums:
         out["kl"] = sums["kl"] / tokens

@@ -37,6 +37,9 @@ def test_rl_raises_a_learnable_reward(assets):
     first = sum(metrics[s]["reward/mean"] for s in (1, 2)) / 2
     last = sum(metrics[s]["reward/mean"] for s in (steps - 1, steps)) / 2
     assert last > first + 0.05, (first, last)
+    # on-policy: the trainer's log-probs of every sampled token (image prompts included) are
+    # the rollout engine's, once per step after the weight stream
+    assert max(m["rollout_logprob_gap"] for m in metrics.values()) < 1e-4
     row = metrics[steps]
     assert row["num_truncated"] > 0  # 8 new tokens: most responses hit the length limit
     assert row["weight_sync/tensors"] > 0 and row["updates_applied"] == 1
