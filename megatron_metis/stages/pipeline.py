@@ -11,8 +11,10 @@ Layout under ``run.output_dir``::
     eval/base/ eval/rl/ eval/rl_sft/   (later rounds: rl_r2, rl_sft_r2, ...)
     report/            results.json, results.md, rl_curves.png, sft_loss.png
 
-A stage is skipped when its ``DONE`` marker exists; a training phase killed mid-way resumes from
-its own latest checkpoint when the pipeline is rerun.
+The pipeline's ``run.seed`` is every phase's ``run.seed`` (a tiny model's initialisation, data
+order) and, plus the round number, the RL rollout seed. A stage is skipped when its ``DONE``
+marker exists; a training phase killed mid-way resumes from its own latest checkpoint when the
+pipeline is rerun.
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ def run_metis_rise(cfg: MetisConfig, *, force: bool = False) -> dict[str, Any]:
     p, root = cfg.pipeline, Path(cfg.run.output_dir)
     base = Path(cfg.model.hf_dir)
     sft_metrics, rl_metrics = [], []
-    data = {"data.train_files": cfg.data.train_files, "data.test_files": cfg.data.test_files}
+    # every phase shares the pipeline's data and seed (a tiny model's init, data order, sampling)
+    data = {
+        "data.train_files": cfg.data.train_files,
+        "data.test_files": cfg.data.test_files,
+        "run.seed": cfg.run.seed,
+    }
     if p.warmup_recipe:
         warm = phase_config(
             p.warmup_recipe, p.warmup_overrides, **data, **{"run.output_dir": root / "warmup"}
@@ -100,7 +107,12 @@ def run_metis_rise(cfg: MetisConfig, *, force: bool = False) -> dict[str, Any]:
             p.rl_recipe,
             p.rl_overrides,
             **data,
-            **{"run.output_dir": rd / "rl", "model.hf_dir": policy, "model.init_tiny": False},
+            **{
+                "run.output_dir": rd / "rl",
+                "model.hf_dir": policy,
+                "model.init_tiny": False,
+                "rollout.seed": cfg.run.seed + r,
+            },
         )
         rl_hf = _phase_stage(f"rl{tag}", "rl", rl_cfg, force=force)
         rl_metrics.append(rd / "rl" / "metrics.jsonl")
@@ -123,6 +135,7 @@ def run_metis_rise(cfg: MetisConfig, *, force: bool = False) -> dict[str, Any]:
                 "data.train_files": [rd / "sft_data" / SFT_MIX_FILE],
                 "data.test_files": cfg.data.test_files,
                 "sft.response_field": "response",
+                "run.seed": cfg.run.seed,
             },
         )
         policy = _phase_stage(f"sft{tag}", "sft", sft_cfg, force=force)

@@ -39,11 +39,13 @@ def recipe(tmp_path):
 class Fakes:
     def __init__(self, crash_on: str | None = None):
         self.calls: list[tuple] = []
+        self.seeds: list[tuple[int, int]] = []
         self.crash_on = crash_on
 
     def train_phase(self, phase, cfg):
         out = Path(cfg.run.output_dir)
         self.calls.append(("train", phase, out.name, str(cfg.model.hf_dir), cfg.data.train_files))
+        self.seeds.append((cfg.run.seed, cfg.rollout.seed))
         if self.crash_on == out.name + "/" + out.parent.name:
             raise KeyboardInterrupt("killed")
         (out / "hf").mkdir(parents=True, exist_ok=True)
@@ -108,3 +110,13 @@ def test_rerun_after_a_crash_continues_where_it_stopped(recipe, monkeypatch):
     # warm-up and round-1 RL are done: the rerun starts at the SFT that was killed.
     assert trains[:1] == [("sft", "sft")]
     assert ("rl", "rl") in trains[1:]
+
+
+def test_the_pipeline_seed_seeds_every_phase(recipe, monkeypatch):
+    fakes = Fakes()
+    _install(monkeypatch, fakes)
+    pipeline.run_metis_rise(load_config(recipe, ["run.seed=7"]))
+    phases = [c[1] for c in fakes.calls if c[0] == "train"]
+    assert phases == ["sft", "rl", "sft", "rl", "sft"]
+    assert [seed for seed, _ in fakes.seeds] == [7] * 5
+    assert [fakes.seeds[1][1], fakes.seeds[3][1]] == [8, 9]  # RL rollouts: seed + round
