@@ -11,9 +11,7 @@ import pytest
 from megatron_metis.config import load_config
 from megatron_metis.models.arch import Qwen2Arch
 
-ALL_RECIPES = sorted(
-    (Path(__file__).resolve().parents[3] / "examples" / "recipes").glob("*.yaml")
-)
+ALL_RECIPES = sorted((Path(__file__).resolve().parents[3] / "examples" / "recipes").glob("*.yaml"))
 RECIPES = [p for p in ALL_RECIPES if not p.name.startswith("pipeline-")]
 PIPELINES = [p for p in ALL_RECIPES if p.name.startswith("pipeline-")]
 # decoder shapes of the released checkpoints (config.json text part)
