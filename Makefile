@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check megatron_metis kernels tools tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out runs/demo/data --n 400 --seed 0
+	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out runs/demo/data --n 1200 --seed 0 --difficulties 1,2
 	HF_HUB_OFFLINE=1 $(BIN)/metis pipeline examples/recipes/pipeline-tiny-cpu.yaml
 
 clean:
