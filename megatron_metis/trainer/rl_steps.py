@@ -290,14 +290,15 @@ def grpo_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, floa
             ref_logprobs=inputs.get("ref_logprobs"),
         )
         n = metrics["num_tokens"]
-        gap = (logprobs.detach() - inputs["value:rollout_logprob"]).abs()
         out = {
             "tokens": n,
             "clip_frac": metrics["clip_frac"] * n,
             "entropy": (entropy * mask).sum(),
             "pg_loss": metrics["pg_loss"],
-            "rollout_logprob_gap": (gap * mask).sum(),
         }
+        if "value:rollout_logprob" in inputs:  # samples built from rollouts (build_samples)
+            gap = (logprobs.detach() - inputs["value:rollout_logprob"]).abs()
+            out["rollout_logprob_gap"] = (gap * mask).sum()
         if "kl" in metrics:
             out["kl"] = metrics["kl"] * n
         return loss, {k: float(v.detach()) for k, v in out.items()}
@@ -382,10 +383,11 @@ def update_metrics(sums: Mapping[str, float], n_updates: int) -> dict[str, float
         "lr": sums.get("lr", 0.0),
         "updates_applied": sums.get("updates_applied", 0.0),
         "num_loss_tokens": sums.get("tokens", 0.0) / n_updates,
-        # mean |trainer - rollout engine| log-prob of the response tokens: ~0 on-policy when
-        # both see the same weights and inputs (images included); it grows with later updates
-        "rollout_logprob_gap": sums.get("rollout_logprob_gap", 0.0) / tokens,
     }
+    # mean |trainer - rollout engine| log-prob of the response tokens: ~0 on-policy when both
+    # see the same weights and inputs (images included); it grows with later updates
+    if "rollout_logprob_gap" in sums:
+        out["rollout_logprob_gap"] = sums["rollout_logprob_gap"] / tokens
     if "kl" in sums:
         out["kl"] = sums["kl"] / tokens
     return out
