@@ -176,9 +176,13 @@ class HFRolloutEngine:
         )
 
     def _vision_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in _VISION_TOKENS]
-        unk = self.tokenizer.unk_token_id
-        return [i for i in ids if isinstance(i, int) and i >= 0 and i != unk]
+        return [i for i in map(self._token_id, _VISION_TOKENS) if i is not None]
+
+    def _token_id(self, token: str) -> int | None:
+        """The id of a special token, None when the tokenizer does not have it."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        ok = isinstance(token_id, int) and token_id >= 0 and token_id != self.tokenizer.unk_token_id
+        return token_id if ok else None
 
     @torch.no_grad()
     def _generate_batch(
@@ -273,8 +277,8 @@ class HFRolloutEngine:
     def _mm_token_types(self, input_ids_BL: torch.Tensor) -> torch.Tensor:
         types_BL = torch.zeros_like(input_ids_BL, dtype=torch.int)
         for kind, token in ((1, "<|image_pad|>"), (2, "<|video_pad|>")):
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+            token_id = self._token_id(token)
+            if token_id is not None:
                 types_BL[input_ids_BL == token_id] = kind
         return types_BL
 
