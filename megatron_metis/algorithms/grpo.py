@@ -177,14 +177,27 @@ class DynamicSampler(Generic[Item]):
         """The batch is full, or the rounds are used up."""
         return self.groups_needed == 0 or self._rounds >= self.max_rounds
 
-    def add(self, items: Sequence[Item], rewards_BG: torch.Tensor) -> dict[str, int]:
-        """Add one round of sampled groups; returns the filter's metrics for this round."""
+    def add(
+        self,
+        items: Sequence[Item],
+        rewards_BG: torch.Tensor,
+        *,
+        filter_BG: torch.Tensor | None = None,
+    ) -> dict[str, int]:
+        """Add one round of sampled groups; returns the filter's metrics for this round.
+
+        ``filter_BG``: the values whose equality within a group drops it (default: the rewards;
+        the verifier accuracies for an accuracy filter).
+        """
         if len(items) != rewards_BG.shape[0]:
             raise ValueError(f"{len(items)} groups but rewards for {rewards_BG.shape[0]}")
+        filter_BG = rewards_BG if filter_BG is None else filter_BG
+        if filter_BG.shape != rewards_BG.shape:
+            raise ValueError(f"filter values {tuple(filter_BG.shape)} != {tuple(rewards_BG.shape)}")
         self._rounds += 1
         self._sampled += len(items)
         if self.enabled:
-            keep_B, metrics = filter_groups(rewards_BG, tol=self.tol)
+            keep_B, metrics = filter_groups(filter_BG, tol=self.tol)
         else:
             keep_B = torch.ones(len(items), dtype=torch.bool)
             metrics = {"groups": len(items), "groups_kept": len(items), "groups_dropped": 0}

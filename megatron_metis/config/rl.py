@@ -31,6 +31,11 @@ class GRPOConfig:
     """Per-token KL estimator (Schulman's k1 = log-ratio, k2 = half squared, k3 = unbiased >= 0)."""
     dynamic_sampling: bool = True
     """Drop groups whose rewards are all equal (zero advantage) and sample more prompts."""
+    filter_on: Literal["reward", "accuracy"] = "reward"
+    """What "all equal" is judged on. ``reward``: the shaped reward (DAPO); ``accuracy``: the
+    verifier's 0/1 accuracy alone (MM-EUREKA's online accuracy filter), which also drops the
+    groups that are all wrong or all right but differ in format, so every kept group carries an
+    accuracy signal."""
     max_sampling_rounds: int = 4
     """Most generation rounds per step when filtering; a batch not full by then is trained
     as it is (the metrics report it)."""

@@ -43,6 +43,8 @@ class Group:
     completions: list[Completion]
     rewards: list[float]
     """Shaped rewards (verifier reward + overlong penalty)."""
+    accuracy: list[float]
+    """The verifier's 0/1 accuracy of each response (``grpo.filter_on='accuracy'``)."""
     keep: list[bool]
     """False for responses left out of the loss (``grpo.overlong='mask'`` and truncated)."""
 
@@ -97,6 +99,7 @@ def generate_and_score(
             problem=p,
             completions=completions[b * g : (b + 1) * g],
             rewards=rewards_N[b * g : (b + 1) * g].tolist(),
+            accuracy=[float(a) for a in scores.accuracy[b * g : (b + 1) * g]],
             keep=keep_N[b * g : (b + 1) * g].tolist(),
         )
         for b, p in enumerate(problems)
@@ -145,7 +148,9 @@ def collect_rollouts(
         groups, round_sums, round_max = generate_and_score(
             rt, rollout, scorer, problems, requests, seed=seed
         )
-        sampler.add(groups, torch.tensor([grp.rewards for grp in groups]))
+        rewards_BG = torch.tensor([grp.rewards for grp in groups])
+        accuracy_BG = torch.tensor([grp.accuracy for grp in groups])
+        sampler.add(groups, rewards_BG, filter_BG=accuracy_BG if cfg.filter_on == "accuracy" else None)
         sums = {k: sums.get(k, 0.0) + v for k, v in round_sums.items()}
         maxima = {k: max(maxima.get(k, 0.0), v) for k, v in round_max.items()}
         round_ += 1

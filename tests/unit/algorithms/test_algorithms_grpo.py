@@ -228,3 +228,17 @@ def test_dynamic_sampler_disabled_keeps_everything():
     assert sampler.done
     items, _, metrics = sampler.take()
     assert items == ["x", "y"] and metrics["groups_dropped"] == 0.0
+
+
+def test_dynamic_sampler_accuracy_filter_drops_format_only_groups():
+    """``grpo.filter_on=accuracy``: a group whose rewards differ only through the format
+    reward (every answer wrong) is dropped; the kept group keeps its shaped rewards."""
+    sampler = DynamicSampler(target_groups=2, max_rounds=1)
+    rewards_BG = torch.tensor([[0.5, 0.0, 0.5], [1.5, 0.5, 0.0], [1.5, 1.5, 1.0]])
+    accuracy_BG = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    metrics = sampler.add(["format-only", "mixed", "all-right"], rewards_BG, filter_BG=accuracy_BG)
+    assert metrics["groups_kept"] == 1 and metrics["groups_dropped"] == 2
+    items, kept_BG, _ = sampler.take()
+    assert items == ["mixed"] and kept_BG.tolist() == [[1.5, 0.5, 0.0]]
+    with pytest.raises(ValueError, match="filter values"):
+        sampler.add(["x"], torch.zeros(1, 3), filter_BG=torch.zeros(1, 2))
