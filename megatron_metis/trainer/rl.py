@@ -44,34 +44,45 @@ def run_rl(cfg: MetisConfig, *, scorer: RewardScorer | None = None) -> dict[str,
         raise ConfigError("metis rl needs data.train_files")
     total_updates = cfg.train.max_steps * cfg.grpo.num_update_steps
     rt, state = build_runtime(cfg, phase="rl", total_steps=total_updates)
-    prompts = _my_prompts(rt)
+    prompts, categories = _my_prompts(rt)
     state = state or TrainState(
         phase="rl", cursor=DataCursor(num_items=len(prompts), seed=cfg.run.seed + rt.ctx.dp_rank)
     )
     with ExitStack() as stack:
-        loop = _RLLoop(rt, stack, prompts, scorer)
+        loop = _RLLoop(rt, stack, prompts, scorer, categories)
         final = loop.run(state)
     export_hf(rt)
     return final
 
 
-def _my_prompts(rt: Runtime) -> list[Problem]:
-    """This data-parallel replica's shard of the training prompts."""
+MAX_LOGGED_CATEGORIES = 32
+"""Per-category training accuracy is logged when the training set has at most this many."""
+
+
+def _my_prompts(rt: Runtime) -> tuple[list[Problem], list[str]]:
+    """This data-parallel replica's shard of the training prompts, and the categories of the
+    whole training set (the same list on every rank) whose accuracy is logged per step."""
     problems = load_training_problems(list(rt.cfg.data.train_files), rt.cfg.data, rt.tokenizer)
     mine = problems[rt.ctx.dp_rank :: rt.ctx.dp]
     if not mine:
         raise ValueError("no training prompts for this data-parallel rank")
-    return mine
+    categories = sorted({p.category for p in problems if p.category})
+    return mine, categories if len(categories) <= MAX_LOGGED_CATEGORIES else []
 
 
 class _RLLoop:
     """The rollout engine, reward scorer, reference model and logger of one RL run."""
 
     def __init__(
-        self, rt: Runtime, stack: ExitStack, prompts: list[Problem], scorer: RewardScorer | None
+        self,
+        rt: Runtime,
+        stack: ExitStack,
+        prompts: list[Problem],
+        scorer: RewardScorer | None,
+        categories: list[str],
     ) -> None:
         cfg = rt.cfg
-        self.rt, self.prompts = rt, prompts
+        self.rt, self.prompts, self.categories = rt, prompts, categories
         self.rollout = build_rollout(rt)
         self.scorer = scorer
         if self.scorer is None and self.rollout is not None:
@@ -141,6 +152,7 @@ class _RLLoop:
                 state.cursor,
                 self.requests,
                 step=state.step,
+                categories=self.categories,
             )
             self.rollout.sleep()  # free the accelerator for the update (vLLM sleep mode)
         batch = broadcast_from_generator(self.rt.ctx, batch)

@@ -72,8 +72,13 @@ def generate_and_score(
     requests: RequestCache,
     *,
     seed: int,
+    categories: Sequence[str] = (),
 ) -> tuple[list[Group], dict[str, float], dict[str, float]]:
-    """Sample G responses per problem, score them, shape the rewards; one sampling round."""
+    """Sample G responses per problem, score them, shape the rewards; one sampling round.
+
+    ``categories``: the training set's problem categories; the sums get per-category response
+    and correct counts for each (zeros included, so every data-parallel rank has the same keys).
+    """
     cfg = rt.cfg
     g = cfg.grpo.group_size
     params = SamplingParams.from_config(cfg.rollout, n=g)
@@ -117,6 +122,13 @@ def generate_and_score(
         "time_generate": t1 - t0,
         "time_reward": t2 - t1,
     }
+    for category in categories:
+        sums[f"responses_of:{category}"] = 0.0
+        sums[f"correct_of:{category}"] = 0.0
+    for n, problem in enumerate(p for p in problems for _ in range(g)):
+        if problem.category in categories:
+            sums[f"responses_of:{problem.category}"] += 1.0
+            sums[f"correct_of:{problem.category}"] += float(scores.accuracy[n])
     maxima = {"response_length_max": float(lengths_N.max()) if len(completions) else 0.0}
     return groups, sums, maxima
 
@@ -130,6 +142,7 @@ def collect_rollouts(
     requests: RequestCache,
     *,
     step: int,
+    categories: Sequence[str] = (),
 ) -> RolloutBatch:
     """Dynamic sampling: rounds of generate + score until the batch of groups whose rewards
     differ is full (or ``grpo.max_sampling_rounds`` is reached; a short batch is trained)."""
@@ -146,11 +159,12 @@ def collect_rollouts(
         problems = [prompts[i] for i in cursor.take(sampler.groups_needed)]
         seed = rt.cfg.rollout.seed + 1_000_003 * rt.ctx.dp_rank + 1009 * step + round_
         groups, round_sums, round_max = generate_and_score(
-            rt, rollout, scorer, problems, requests, seed=seed
+            rt, rollout, scorer, problems, requests, seed=seed, categories=categories
         )
         rewards_BG = torch.tensor([grp.rewards for grp in groups])
         accuracy_BG = torch.tensor([grp.accuracy for grp in groups])
-        sampler.add(groups, rewards_BG, filter_BG=accuracy_BG if cfg.filter_on == "accuracy" else None)
+        filter_BG = accuracy_BG if cfg.filter_on == "accuracy" else None
+        sampler.add(groups, rewards_BG, filter_BG=filter_BG)
         sums = {k: sums.get(k, 0.0) + v for k, v in round_sums.items()}
         maxima = {k: max(maxima.get(k, 0.0), v) for k, v in round_max.items()}
         round_ += 1
@@ -355,7 +369,12 @@ def rollout_metrics(rt: Runtime, batch: RolloutBatch) -> dict[str, float]:
     sums = sum_over_dp(rt.ctx, batch.sums)
     maxima = max_over_dp(rt.ctx, batch.maxima)
     n = max(sums.get("responses", 0.0), 1.0)
-    return {
+    per_category = {
+        f"accuracy/{key.split(':', 1)[1]}": sums[f"correct_of:{key.split(':', 1)[1]}"] / count
+        for key, count in sums.items()
+        if key.startswith("responses_of:") and count > 0
+    }
+    return per_category | {
         "reward/mean": sums.get("reward", 0.0) / n,
         "accuracy": sums.get("accuracy", 0.0) / n,
         "format_rate": sums.get("format", 0.0) / n,

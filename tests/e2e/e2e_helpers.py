@@ -44,11 +44,13 @@ def base_overrides(hf_dir: str, data: str, out: str) -> list[str]:
 
 
 class DigitScorer:
-    """A trivially learnable reward: the fraction of digit characters in the response."""
+    """A trivially learnable reward: the fraction of digit characters in the response (its
+    "accuracy": whether it has a digit at all)."""
 
     def score(self, responses, golds, *, choices=None) -> ScoreBatch:
         rewards = [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
-        return ScoreBatch(rewards, [0.0] * len(rewards), [0.0] * len(rewards), {})
+        accuracy = [float(r > 0) for r in rewards]
+        return ScoreBatch(rewards, accuracy, [0.0] * len(rewards), {})
 
 
 def hang(answer: str, gold: str, *, timeout_s: float, cache: GoldCache) -> Verdict:

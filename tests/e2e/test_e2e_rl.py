@@ -4,6 +4,8 @@ all filtered leave the run going, with metrics that say what happened."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from e2e_helpers import rl_worker, write_assets
 
@@ -41,6 +43,17 @@ def test_rl_raises_a_learnable_reward(assets):
     # the rollout engine's, once per step after the weight stream
     assert max(m["rollout_logprob_gap"] for m in metrics.values()) < 1e-4
     row = metrics[steps]
+    # training accuracy per category of the training set: the overall accuracy is their mean
+    # weighted by the responses of each, so it lies between the smallest and the largest
+    with open(f"{assets['data']}/train.jsonl") as f:
+        categories = {json.loads(line)["category"] for line in f}
+    for m in metrics.values():
+        per_category = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("accuracy/")}
+        assert set(per_category) <= categories and per_category, m
+        assert (
+            min(per_category.values()) - 1e-9 <= m["accuracy"] <= max(per_category.values()) + 1e-9
+        )
+    assert any(m["accuracy"] > 0 for m in metrics.values())
     assert row["num_truncated"] > 0  # 8 new tokens: most responses hit the length limit
     assert row["weight_sync/tensors"] > 0 and row["updates_applied"] == 1
     for key in (
