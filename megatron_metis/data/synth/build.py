@@ -47,6 +47,10 @@ def content_key(problem: SynthProblem, png: bytes | None) -> str:
     return digest.hexdigest()
 
 
+MAX_DUPLICATES_IN_A_ROW = 2000
+"""Consecutive duplicate draws after which a category counts as exhausted."""
+
+
 def generate_rows(
     n: int,
     *,
@@ -66,17 +70,22 @@ def generate_rows(
     rng = random.Random(seed)
     rows: list[tuple[dict[str, Any], bytes | None]] = []
     seen: set[str] = set()
-    attempts = 0
+    misses = 0  # duplicates in a row: the category's problem space is used up
     while len(rows) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
-            raise ValueError(f"could only generate {len(rows)} distinct problems of {n}")
         category = categories[len(rows) % len(categories)]
         problem = generate(rng, category, rng.choice(list(difficulties)))
         png = _png(problem)
         key = content_key(problem, png)
         if key in seen:
+            misses += 1
+            if misses > MAX_DUPLICATES_IN_A_ROW:
+                raise ValueError(
+                    f"could only generate {len(rows)} distinct problems of {n}: category "
+                    f"{category!r} at difficulties {list(difficulties)} has no new problems "
+                    "(ask for fewer, or add difficulties)"
+                )
             continue
+        misses = 0
         seen.add(key)
         rows.append((_row(problem, key), png))
     return rows

@@ -87,3 +87,12 @@ def test_bad_arguments() -> None:
         generate_rows(3, seed=0, categories=["nope"])
     with pytest.raises(ValueError, match="distinct"):
         generate_rows(500, seed=0, categories=["arith"], difficulties=[1])
+
+
+def test_an_exhausted_category_fails_fast_and_names_itself() -> None:
+    """Text arithmetic at difficulty 1 has a few hundred distinct problems: asking for more
+    stops after a run of duplicate draws, not after 50 * n attempts."""
+    with pytest.raises(
+        ValueError, match=r"could only generate \d+ distinct problems of 5000.*'arith'"
+    ):
+        generate_rows(5000, seed=0, categories=["arith"], difficulties=[1])
