@@ -92,3 +92,12 @@ def rl_worker(hf_dir: str, data: str, out: str, scorer_name: str, extra: list[st
         if hasattr(scorer, "close"):
             scorer.close()
     return read_metrics(out, "rl")
+
+
+def probe_worker(hf_dir: str, data: str, out: str, extra: list[str]) -> list[dict]:
+    """``trainer.update_probe.probe_updates`` in this process, with the digit reward."""
+    from megatron_metis.trainer.update_probe import probe_updates
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, base_overrides(hf_dir, data, out) + list(extra))
+    return probe_updates(cfg, updates=3, scorer=DigitScorer())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_helpers import rl_worker, write_assets
+from e2e_helpers import probe_worker, rl_worker, write_assets
 
 from megatron_metis.parallel import spawn
 
@@ -71,6 +71,25 @@ def test_rl_raises_a_learnable_reward(assets):
         "time/weight_sync",
     ):
         assert key in row, key
+
+
+def test_an_update_moves_log_probs_toward_the_advantages(assets):
+    """Repeated updates on one rollout batch: the responses with positive advantage gain
+    log-prob, those with negative advantage lose it (the probe of tools/grpo_update_probe.py)."""
+    extra = [
+        "grpo.group_size=8",
+        "grpo.num_prompts_per_step=4",
+        "grpo.max_sampling_rounds=1",
+        "rollout.max_new_tokens=8",
+        "optimizer.lr=1e-3",
+    ]
+    out = str(assets["root"] / "probe")
+    rows = spawn(probe_worker, 1, assets["hf"], assets["data"], out, extra, timeout_s=600)[0]
+    assert [r["update"] for r in rows] == [1.0, 2.0, 3.0]
+    for r in rows:
+        assert r["dlogp_pos"] > 0 > r["dlogp_neg"], r
+        assert r["corr"] > 0.3, r
+    assert rows[-1]["dlogp_pos"] > rows[0]["dlogp_pos"]  # small steps: it keeps rising
 
 
 def test_timeouts_truncation_and_all_filtered_batches_do_not_stop_the_run(assets):
