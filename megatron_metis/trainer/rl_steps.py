@@ -145,7 +145,8 @@ def collect_rollouts(
     categories: Sequence[str] = (),
 ) -> RolloutBatch:
     """Dynamic sampling: rounds of generate + score until the batch of groups whose rewards
-    differ is full (or ``grpo.max_sampling_rounds`` is reached; a short batch is trained)."""
+    (``grpo.filter_on=accuracy``: accuracies) differ is full, or ``grpo.max_sampling_rounds``
+    is reached (a short batch is trained)."""
     cfg = rt.cfg.grpo
     sampler: DynamicSampler[Group] = DynamicSampler(
         target_groups=max(cfg.num_prompts_per_step // rt.ctx.dp, 1),
