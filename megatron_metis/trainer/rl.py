@@ -9,6 +9,7 @@ rollout engine. The named steps live in ``rl_steps``; this module is the loop.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -29,6 +30,8 @@ from megatron_metis.trainer.rollout_io import (
 from megatron_metis.trainer.setup import Runtime, broadcast_from_generator, build_runtime
 from megatron_metis.trainer.sft import export_hf
 from megatron_metis.trainer.state import DataCursor, TrainState
+
+log = logging.getLogger(__name__)
 
 
 def run_rl(cfg: MetisConfig, *, scorer: RewardScorer | None = None) -> dict[str, float]:
@@ -91,6 +94,7 @@ class _RLLoop:
         self.probe = probe_sample(rt)
         self.ref_model = _reference_model(rt) if cfg.grpo.kl_coef > 0 else None
         self.test_problems = _test_problems(rt)
+        self.warned_truncation = False
 
     def run(self, state: TrainState) -> dict[str, float]:
         cfg, rt = self.rt.cfg, self.rt
@@ -117,6 +121,7 @@ class _RLLoop:
         batch = self.collect(state)
         samples = steps.build_samples(batch, self.requests, self.rt.cfg)
         metrics = steps.rollout_metrics(self.rt, batch)
+        self.warn_truncation(metrics)
         t_train = time.perf_counter()
         metrics.update(self.update(samples, state.step))
         t_sync = time.perf_counter()
@@ -158,6 +163,13 @@ class _RLLoop:
         batch = broadcast_from_generator(self.rt.ctx, batch)
         state.cursor = batch.cursor
         return batch
+
+    def warn_truncation(self, metrics: dict[str, float]) -> None:
+        """Once per run, on the logging rank."""
+        warning = steps.truncation_warning(metrics, self.rt.cfg)
+        if warning and not self.warned_truncation and self.rt.is_logger:
+            log.warning(warning)
+            self.warned_truncation = True
 
     def update(self, samples: list[Any], step: int) -> dict[str, float]:
         """Policy update, or a skipped one when every group of every replica was filtered."""

@@ -416,3 +416,25 @@ def update_metrics(sums: Mapping[str, float], n_updates: int) -> dict[str, float
     if "kl" in sums:
         out["kl"] = sums["kl"] / tokens
     return out
+
+
+TRUNCATION_WARN_SHARE = 0.05
+
+
+def truncation_warning(metrics: Mapping[str, float], cfg: MetisConfig) -> str | None:
+    """A warning when many responses hit ``rollout.max_new_tokens`` and still train.
+
+    A cut response has no answer, so it scores 0 however good its reasoning was; with
+    ``grpo.overlong='none'`` its negative advantage teaches the policy to write shorter
+    reasoning, on exactly the problems that need long reasoning (on the tiny recipe, a 64-token
+    limit under the 71-token solutions of 5-object counting made RL lower count accuracy).
+    """
+    n = metrics.get("num_responses", 0.0)
+    cut = metrics.get("num_truncated", 0.0)
+    if n <= 0 or cut / n <= TRUNCATION_WARN_SHARE or cfg.grpo.overlong != "none":
+        return None
+    return (
+        f"{cut / n:.0%} of this step's responses hit rollout.max_new_tokens="
+        f"{cfg.rollout.max_new_tokens} and score 0 with no answer; they train the policy to "
+        "write shorter responses. Raise rollout.max_new_tokens or set grpo.overlong=mask."
+    )

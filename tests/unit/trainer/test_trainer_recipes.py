@@ -77,3 +77,41 @@ def test_pipeline_recipe_and_its_phase_recipes_load(recipe, monkeypatch):
         if phase_recipe:
             phase = phase_config(phase_recipe, overrides, **{"run.output_dir": "x"})
             assert phase.train.max_steps >= 1
+
+
+TINY = [p for p in ALL_RECIPES if "tiny" in p.name]
+
+
+def _longest_synthetic_solution() -> int:
+    """Tokens of the longest expert solution over every synthetic category and difficulty."""
+    from megatron_metis.data.synth.build import generate_rows
+    from megatron_metis.data.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    rows = generate_rows(400, seed=0, difficulties=(1, 2, 3))
+    return max(len(tokenizer(row["expert"])["input_ids"]) for row, _ in rows)
+
+
+def test_tiny_recipes_generate_long_enough_for_every_synthetic_solution(monkeypatch):
+    """A response cut at rollout.max_new_tokens has no answer and scores 0: with a limit below
+    the longest solutions (64 < 71 tokens of a 9-shape count at difficulty 2), RL learned to
+    write shorter, wrong counts and the evals could not score those problems at all."""
+    from megatron_metis.stages.pipeline import phase_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
+    longest = _longest_synthetic_solution()
+    assert longest >= 60  # the count solutions list every shape: the bound is a real one
+    for recipe in TINY:
+        cfg = load_config(recipe)
+        limits = {recipe.name: cfg.rollout.max_new_tokens}
+        p = cfg.pipeline
+        for name, overrides in (
+            (p.warmup_recipe, p.warmup_overrides),
+            (p.rl_recipe, p.rl_overrides),
+            (p.sft_recipe, p.sft_overrides),
+        ):
+            if name:
+                phase = phase_config(name, overrides, **{"run.output_dir": "x"})
+                limits[f"{recipe.name} -> {name}"] = phase.rollout.max_new_tokens
+        for where, limit in limits.items():
+            assert limit > longest, f"{where}: rollout.max_new_tokens={limit} <= {longest}"
