@@ -11,7 +11,9 @@ the progress log, so a re-run evaluates only what is missing), ``eval.json`` and
 
     {"label": ..., "mode": "greedy" | "sampled", "num_samples": n, "pass_k": [..],
      "datasets": {name: {"file": ..., "num_problems": N, "accuracy": a, "pass@k": {"1": ..},
-                         "categories": {cat: {"num_problems", "accuracy", "pass@k"}}}},
+                         "truncated": share of responses cut at max_new_tokens,
+                         "categories": {cat: {"num_problems", "accuracy", "pass@k",
+                                              "truncated"}}}},
      "average": mean accuracy over datasets}
 """
 
@@ -94,6 +96,7 @@ def aggregate(
     def summary(indices: Sequence[int]) -> dict[str, Any]:
         counts = [(len(samples[i]), sum(s.correct for s in samples[i])) for i in indices]
         m = max(1, len(counts))
+        cut = sum(s.finish_reason == "length" for i in indices for s in samples[i])
         return {
             "num_problems": len(counts),
             "accuracy": sum(c / n for n, c in counts) / m,
@@ -102,6 +105,9 @@ def aggregate(
                 for k in pass_k
                 if all(k <= n for n, _ in counts)
             },
+            # a truncated response has no answer and scores 0: a high share means the eval's
+            # max_new_tokens, not the model, sets the accuracy
+            "truncated": cut / max(1, sum(n for n, _ in counts)),
         }
 
     out = summary(range(len(problems)))
@@ -162,7 +168,8 @@ def eval_markdown(result: Mapping[str, Any]) -> str:
     ks = [str(k) for k in result["pass_k"]]
     show_k = result["mode"] == "sampled"
     head = "| dataset | problems | accuracy |" + "".join(f" pass@{k} |" for k in ks if show_k)
-    sep = "|---|---:|---:|" + "---:|" * (len(ks) if show_k else 0)
+    head += " truncated |"
+    sep = "|---|---:|---:|" + "---:|" * ((len(ks) if show_k else 0) + 1)
     title = f"# Evaluation{': ' + result['label'] if result['label'] else ''}"
     mode = result["mode"] + (f", n={result['num_samples']}" if show_k else "")
     lines = [title, "", f"Mode: {mode}. Average accuracy {100 * result['average']:.1f}.", ""]
@@ -178,6 +185,7 @@ def eval_markdown(result: Mapping[str, Any]) -> str:
 def _row(name: str, d: Mapping[str, Any], ks: Sequence[str]) -> str:
     cells = [name, str(d["num_problems"]), f"{100 * d['accuracy']:.1f}"]
     cells += [f"{100 * d['pass@k'][k]:.1f}" if k in d["pass@k"] else "-" for k in ks]
+    cells.append(f"{100 * d.get('truncated', 0.0):.1f}")
     return "| " + " | ".join(cells) + " |"
 
 

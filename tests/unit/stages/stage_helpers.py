@@ -13,12 +13,16 @@ def solved(answer: str, pad: str = "") -> str:
     return f"<think> reasoning {pad}</think><answer> The answer is $\\boxed{{{answer}}}$ </answer>"
 
 
+TRUNCATED = "<cut at max_new_tokens>"
+
+
 class StubEngine:
     """A ``RolloutEngine`` whose responses are scripted per problem id and sample index.
 
     ``script[id]`` is a list of texts (sample i gets item ``i % len``) or a function of
-    (sample index, params). ``fail_on_call`` raises on that generate call (0-based) to
-    simulate a killed stage.
+    (sample index, params); a text ending in ``TRUNCATED`` comes back cut at the token
+    limit (``finish_reason="length"``, no end-of-turn token). ``fail_on_call`` raises on that
+    generate call (0-based) to simulate a killed stage.
     """
 
     def __init__(
@@ -43,14 +47,16 @@ class StubEngine:
             for s in range(params.n):
                 item = self.script[req.problem_id]
                 text = item(s, params) if callable(item) else item[s % len(item)]
+                cut = text.endswith(TRUNCATED)
+                text = text.removesuffix(TRUNCATED)
                 out.append(
                     Completion(
                         request_index=i,
                         sample_index=s,
                         token_ids=list(range(len(text.split()) + 1)),
                         logprobs=[0.0] * (len(text.split()) + 1),
-                        text=text + self.eos,
-                        finish_reason="stop",
+                        text=text if cut else text + self.eos,
+                        finish_reason="length" if cut else "stop",
                         problem_id=req.problem_id,
                     )
                 )

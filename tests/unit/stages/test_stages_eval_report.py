@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from stage_helpers import StubEngine, problem, solved
+from stage_helpers import TRUNCATED, StubEngine, problem, solved
 
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import EvalConfig, PipelineConfig
@@ -94,6 +94,32 @@ def test_sampled_pass_at_k(tmp_path, make_model, scorer):
     assert a["pass@k"]["1"] == pytest.approx(a["accuracy"])
     assert a["categories"]["geo"]["pass@k"]["4"] == 1.0
     assert "pass@2" in (tmp_path / "eval.md").read_text()
+
+
+def test_truncated_share_is_reported(tmp_path, make_model, scorer):
+    # g1: 2 of 4 samples cut at the token limit before their answer
+    cut = "<think> I see one, two" + TRUNCATED
+    script = {
+        "g1": [solved("1"), cut, solved("1"), cut],
+        "g2": [solved("2")],
+    }
+    cfg = EvalConfig(mode="sampled", num_samples=4, pass_k=[1], temperature=0.8)
+    res = evaluate(
+        {"setA": [problem("g1", "1", category="geo"), problem("g2", "2", category="alg")]},
+        make_model(StubEngine(script)),
+        scorer,
+        cfg,
+        rollout=RolloutConfig(),
+        system_prompt="S",
+        out_dir=tmp_path,
+    )
+    a = res["datasets"]["setA"]
+    assert a["truncated"] == pytest.approx(2 / 8)
+    assert a["categories"]["geo"]["truncated"] == pytest.approx(0.5)
+    assert a["categories"]["alg"]["truncated"] == 0.0
+    assert a["categories"]["geo"]["accuracy"] == pytest.approx(0.5)
+    md = (tmp_path / "eval.md").read_text()
+    assert "| pass@1 | truncated |" in md and "| geo | 1 | 50.0 | 50.0 | 50.0 |" in md
 
 
 def test_eval_resumes_per_dataset(tmp_path, make_model, scorer):
