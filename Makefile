@@ -23,7 +23,7 @@ test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check megatron_metis kernels tools tests
+	$(BIN)/ruff check megatron_metis kernels tools tests docker
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out runs/demo/data --n 1200 --seed 0 --difficulties 1,2

@@ -1,0 +1,33 @@
+"""docker/: the Dockerfile copies files that exist, and the image check fails on a missing GPU
+dependency (it runs as the image's last build layer; here there is no Transformer Engine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dockerfile_copies_existing_paths():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    sources = [
+        src
+        for line in re.findall(r"^COPY (.+)$", text, flags=re.M)
+        for src in line.split()[:-1]
+        if not src.startswith("--")
+    ]
+    assert "setup.py" in sources and "constraints.txt" in sources
+    for src in sources:
+        assert src == "." or (ROOT / src).exists(), f"Dockerfile copies a missing path: {src}"
+    assert "python docker/check_image.py" in text
+
+
+def test_image_check_fails_without_transformer_engine(capsys):
+    spec = importlib.util.spec_from_file_location("check_image", ROOT / "docker" / "check_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main() == 1
+    err = capsys.readouterr().err
+    assert "import failed: transformer_engine.pytorch" in err
