@@ -20,7 +20,9 @@ class TriageConfig:
     keep: Literal["all", "random", "shortest"] = "all"
     """Which verified-correct trajectories of a 0 < p < 1 prompt become SFT targets:
     ``all`` (first ``k`` in sample order), ``random`` (``k`` drawn with ``seed``), ``shortest``
-    (``k`` fewest tokens)."""
+    (``k`` fewest tokens). ``shortest`` favours responses that skipped reasoning and still
+    landed on the answer: on the tiny count task it kept enumerations missing shapes, and SFT
+    on them lowered count accuracy (examples/README.md)."""
     k: int = 0
     """Most self-distilled trajectories kept per prompt; 0: no limit."""
     seed: int = 0
