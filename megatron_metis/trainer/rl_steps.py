@@ -427,7 +427,7 @@ def truncation_warning(metrics: Mapping[str, float], cfg: MetisConfig) -> str | 
     A cut response has no answer, so it scores 0 however good its reasoning was; with
     ``grpo.overlong='none'`` its negative advantage teaches the policy to write shorter
     reasoning, on exactly the problems that need long reasoning (on the tiny recipe, a 64-token
-    limit under the 71-token solutions of 5-object counting made RL lower count accuracy).
+    limit under the 71-token solutions of 9-shape count scenes made RL lower count accuracy).
     """
     n = metrics.get("num_responses", 0.0)
     cut = metrics.get("num_truncated", 0.0)
