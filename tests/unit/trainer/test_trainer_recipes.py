@@ -61,22 +61,28 @@ def test_recipe_loads_and_fits_its_cluster(recipe):
     arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
 
 
-@pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: p.name)
-def test_pipeline_recipe_and_its_phase_recipes_load(recipe, monkeypatch):
-    """A pipeline recipe names its phase recipes; each loads with the pipeline's overrides."""
+def _phase_configs(cfg):
+    """(phase recipe, its config with the pipeline's overrides) for each phase ``cfg`` names."""
     from megatron_metis.stages.pipeline import phase_config
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[3])
-    cfg = load_config(recipe)
     p = cfg.pipeline
-    for phase_recipe, overrides in (
+    for name, overrides in (
         (p.warmup_recipe, p.warmup_overrides),
         (p.rl_recipe, p.rl_overrides),
         (p.sft_recipe, p.sft_overrides),
     ):
-        if phase_recipe:
-            phase = phase_config(phase_recipe, overrides, **{"run.output_dir": "x"})
-            assert phase.train.max_steps >= 1
+        if name:
+            yield name, phase_config(name, overrides, **{"run.output_dir": "x"})
+
+
+@pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_recipe_and_its_phase_recipes_load(recipe, monkeypatch):
+    """A pipeline recipe names its phase recipes; each loads with the pipeline's overrides."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
+    phases = list(_phase_configs(load_config(recipe)))
+    assert phases
+    for _, phase in phases:
+        assert phase.train.max_steps >= 1
 
 
 TINY = [p for p in ALL_RECIPES if "tiny" in p.name]
@@ -96,22 +102,13 @@ def test_tiny_recipes_generate_long_enough_for_every_synthetic_solution(monkeypa
     """A response cut at rollout.max_new_tokens has no answer and scores 0: with a limit below
     the longest solutions (64 < 71 tokens of a 9-shape count at difficulty 2), RL learned to
     write shorter, wrong counts and the evals could not score those problems at all."""
-    from megatron_metis.stages.pipeline import phase_config
-
     monkeypatch.chdir(Path(__file__).resolve().parents[3])
     longest = _longest_synthetic_solution()
     assert longest >= 60  # the count solutions list every shape: the bound is a real one
     for recipe in TINY:
         cfg = load_config(recipe)
         limits = {recipe.name: cfg.rollout.max_new_tokens}
-        p = cfg.pipeline
-        for name, overrides in (
-            (p.warmup_recipe, p.warmup_overrides),
-            (p.rl_recipe, p.rl_overrides),
-            (p.sft_recipe, p.sft_overrides),
-        ):
-            if name:
-                phase = phase_config(name, overrides, **{"run.output_dir": "x"})
-                limits[f"{recipe.name} -> {name}"] = phase.rollout.max_new_tokens
+        for name, phase in _phase_configs(cfg):
+            limits[f"{recipe.name} -> {name}"] = phase.rollout.max_new_tokens
         for where, limit in limits.items():
             assert limit > longest, f"{where}: rollout.max_new_tokens={limit} <= {longest}"
