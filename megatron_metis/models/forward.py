@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_metis.parallel import ParallelContext
+from megatron_metis.parallel.context_parallel import gather_sequence, shard_sequence
 
 Microbatch = tuple[Mapping[str, Any], Mapping[str, Any]]
 LossFn = Callable[[torch.Tensor, Mapping[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
@@ -38,7 +39,53 @@ def gather_vocab_logits(
         parts = [torch.empty_like(logits_BSv) for _ in range(ctx.tp)]
         dist.all_gather(parts, logits_BSv.contiguous(), group=ctx.tp_group)
         logits_BSv = torch.cat(parts, dim=-1)
-    return logits_BSv[..., :vocab_size]
+    return gather_positions(logits_BSv[..., :vocab_size], ctx)
+
+
+def gather_positions(t_BSx: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """A last-stage output ``[B, s, ...]`` of this CP rank's positions -> ``[B, S, ...]`` of the
+    whole sequence (collective over the CP group; ``t_BSx`` itself without CP)."""
+    if ctx.cp == 1:
+        return t_BSx
+    return gather_sequence(t_BSx, 1, ctx.cp_group)
+
+
+def shard_microbatch(
+    microbatch: Microbatch, ctx: ParallelContext, *, full_input_ids: bool
+) -> Microbatch:
+    """This CP rank's part of a micro-batch (``parallel.context_parallel`` has the layout).
+
+    ``input_ids`` keep their CP positions (all of them for a model that embeds the whole
+    sequence itself: ``full_input_ids``); ``position_ids`` stay whole, Megatron's RoPE computes
+    every position and keeps this rank's; the attention mask keeps this rank's query rows
+    against all keys ``[b, 1, s, S]``; every ``[b, S]`` loss input keeps this rank's positions.
+    """
+    model_inputs, loss_inputs = microbatch
+    ids_BS = model_inputs["input_ids"]
+    b, s = ids_BS.shape
+    mask = model_inputs.get("attention_mask")
+    if mask is None:  # Megatron's default: causal (True = masked)
+        causal = torch.ones(s, s, dtype=torch.bool, device=ids_BS.device).triu(1)
+        mask = causal.expand(b, 1, s, s)
+    sharded = dict(model_inputs)
+    sharded["attention_mask"] = shard_sequence(mask, 2, ctx.cp_group)
+    if not full_input_ids:
+        sharded["input_ids"] = shard_sequence(ids_BS, 1, ctx.cp_group)
+    loss = {
+        k: shard_sequence(v, 1, ctx.cp_group) if _per_position(v, b, s) else v
+        for k, v in loss_inputs.items()
+    }
+    return sharded, loss
+
+
+def _per_position(value: Any, b: int, s: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (b, s)
+
+
+def _embeds_full_sequence(model: torch.nn.Module) -> bool:
+    while hasattr(model, "module"):  # DDP / Float16Module wrappers
+        model = model.module
+    return bool(getattr(model, "embeds_full_sequence", False))
 
 
 def run_pipeline(
@@ -57,12 +104,20 @@ def run_pipeline(
     Megatron's schedule divides each loss by the number of micro-batches (and multiplies it by
     the CP size); that scaling is undone here, so the gradient is exactly that of
     ``sum(loss_fn(...))``.
+
+    Under context parallelism each CP rank runs its positions of every micro-batch
+    (``shard_microbatch``): ``loss_fn`` sees this rank's logits ``[b, s, v]`` and loss inputs
+    ``[b, s]``, returns its part of the loss (normalised by global counts), and outputs meant for
+    the whole sequence go through ``gather_positions``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     scale = len(microbatches) / ctx.cp
-    batches = iter(microbatches)
     first_inputs = microbatches[0][0]
+    if ctx.cp > 1:
+        full_ids = _embeds_full_sequence(model)
+        microbatches = [shard_microbatch(mb, ctx, full_input_ids=full_ids) for mb in microbatches]
+    batches = iter(microbatches)
 
     def step(data_iterator, chunk):
         model_inputs, loss_inputs = next(data_iterator)

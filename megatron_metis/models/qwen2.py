@@ -74,7 +74,7 @@ def build_qwen2_model(arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelConfig):
     config = build_transformer_config(arch, ctx, cfg, use_te)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(use_te),
+        transformer_layer_spec=gpt_layer_spec(use_te, context_parallel=ctx.cp > 1),
         vocab_size=arch.padded_vocab_size(ctx.tp, cfg.make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ctx.is_first_stage,

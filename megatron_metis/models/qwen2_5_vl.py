@@ -17,6 +17,9 @@ rank. Each TP rank runs the same tower on the same pixels, and the gradient that
 image features is the full one on every TP rank (the decoder's first column-parallel linear
 all-reduces its input gradient in backward), so the tower's gradients are identical across TP
 ranks and need no TP reduction; data-parallel reduction treats them like any other parameter.
+Under context parallelism every CP rank embeds the whole sequence (an image's features land by
+their place in it) and keeps its own positions; each rank's tower gradient then comes from its
+positions only, and the DP x CP gradient reduction sums them.
 
 Shape legend: ``B`` batch, ``S`` sequence, ``H`` hidden, ``N`` image tokens after the merge,
 ``P`` patches (rows of ``pixel_values``), ``C`` values per patch, ``V`` vocab.
@@ -31,6 +34,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_metis.config import ConfigError, ModelConfig
 from megatron_metis.models.rope_index import image_token_counts, mrope_position_ids
+from megatron_metis.parallel.context_parallel import shard_sequence
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +87,13 @@ class Qwen2_5_VLModel(MegatronModule):
     embeddings of the ``<|image_pad|>`` tokens. Samples without images can share a batch with
     samples that have them: ``pixel_values`` / ``image_grid_thw`` hold the images of the whole
     batch in sample order, as the HF processor returns them.
+
+    Under context parallelism ``input_ids`` is the whole sequence (the model keeps its CP
+    positions after embedding), unlike ``GPTModel``, which takes this rank's positions.
     """
+
+    embeds_full_sequence = True
+    """``models.forward.run_pipeline``: give this model the unsharded ``input_ids``."""
 
     def __init__(
         self, language_model: torch.nn.Module, vision: torch.nn.Module | None, tokens: VisionTokens
@@ -94,6 +104,8 @@ class Qwen2_5_VLModel(MegatronModule):
         self.tokens = tokens
         self.model_type = language_model.model_type
         self.vocab_size = language_model.vocab_size
+        pg = getattr(language_model, "pg_collection", None)
+        self.cp_group = getattr(pg, "cp", None) if self.config.context_parallel_size > 1 else None
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
@@ -135,6 +147,9 @@ class Qwen2_5_VLModel(MegatronModule):
             words_BSH = words_BSH.masked_scatter(mask_BS.unsqueeze(-1), feats_NH)
         # The embedding module's dropout is skipped: the engine trains with hidden_dropout=0.
         embeds_SBH = words_BSH.transpose(0, 1).contiguous()
+        # Context parallelism: image features land by their place in the whole sequence, so
+        # the full sequence is embedded and each CP rank keeps its positions.
+        embeds_SBH = shard_sequence(embeds_SBH, 0, self.cp_group)
         if self.config.sequence_parallel:
             from megatron.core import tensor_parallel
 

@@ -48,10 +48,21 @@ def use_transformer_engine(cfg: ModelConfig, device: torch.device) -> bool:
     return use_te
 
 
-def gpt_layer_spec(use_te: bool):
-    """The Megatron-Core ``ModuleSpec`` of one Qwen2 decoder layer."""
+def gpt_layer_spec(use_te: bool, context_parallel: bool = False):
+    """The Megatron-Core ``ModuleSpec`` of one Qwen2 decoder layer.
+
+    Transformer Engine's attention implements context parallelism itself; the local spec gets
+    ``ContextParallelDotProductAttention`` (K/V all-gathered over the CP group) when CP > 1.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if context_parallel:
+        from megatron_metis.models.cp_attention import ContextParallelDotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = (
+            ContextParallelDotProductAttention
+        )
+    return spec

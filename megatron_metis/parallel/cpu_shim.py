@@ -1,10 +1,11 @@
 """The one place where Megatron-Core 0.16+ is taught to run on a CPU (gloo, local layers).
 
 Megatron-Core calls ``torch.cuda.current_device()`` and allocates on ``device="cuda"`` in a few
-hard-wired places: RoPE, the attention matmul buffer, the vocab gather, the pipeline schedules,
-p2p communication, the optimizer's scalars and grad buffers, and the tied-embedding sync of
-pipelined models. Each site and why it is
-patched is listed in ``shared/research/deps-megatron.md`` section 3. The shim is applied only
+hard-wired places: RoPE (and its context-parallel slicing), the attention matmul buffer, the
+vocab gather, the pipeline schedules, p2p communication, the optimizer's scalars and grad
+buffers, and the tied-embedding sync of pipelined models. Each site and why it is patched is
+listed in ``shared/research/deps-megatron.md`` section 3 (the CP slicing below, measured later).
+The shim is applied only
 when the run's device is the CPU, once per process, and is never needed on GPU.
 """
 
@@ -29,21 +30,26 @@ _PROXIED_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.utils",
+    # context parallelism: RoPE keeps this CP rank's positions with an index tensor built as
+    # ``torch.tensor(..., device="cpu", pin_memory=True).cuda()`` (get_pos_emb_on_this_cp_rank)
+    "megatron.core.models.common.embeddings.rope_utils",
 )
 
 
 class _CpuTorchProxy:
     """Stands in for the ``torch`` global of one Megatron module: tensor factories called with
-    ``device="cuda"`` allocate on the CPU; everything else is forwarded to torch."""
+    ``device="cuda"`` (or ``pin_memory=True``) allocate plain CPU memory; everything else is
+    forwarded to torch."""
 
     def __getattr__(self, name: str):
         attr = getattr(torch, name)
         if name not in _FACTORIES:
             return attr
 
-        def factory(*args, device=None, **kwargs):
+        def factory(*args, device=None, pin_memory=False, **kwargs):
             if device is not None and str(device).startswith("cuda"):
                 device = "cpu"
+            # pinned memory needs an accelerator; on the CPU it is just memory
             return attr(*args, device=device, **kwargs)
 
         return factory

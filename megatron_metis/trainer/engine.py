@@ -19,6 +19,7 @@ Legend: B rows, S positions, v local vocabulary columns, H hidden size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_metis.config import ConfigError, MetisConfig
+from megatron_metis.config import MetisConfig
 from megatron_metis.models.arch import Qwen2Arch
 from megatron_metis.models.forward import Microbatch, run_pipeline
 from megatron_metis.models.output_head import (
@@ -85,11 +86,6 @@ class TrainEngine:
             finalize_model_grads,
         )
 
-        if ctx.cp > 1:
-            raise ConfigError(
-                "parallel.cp > 1: context parallelism is not supported by the trainer yet "
-                "(it needs Transformer Engine attention and CP-sharded batches)"
-            )
         self.module, self.arch, self.ctx, self.cfg = module, arch, ctx, cfg
         _expose_language_model_attrs(module)
         self.fused_logprobs = cfg.train.logprob_impl == "fused"
@@ -124,6 +120,12 @@ class TrainEngine:
             vocab_size=arch.vocab_size,
             group=ctx.tp_group if ctx.tp > 1 else None,
         )
+
+    @property
+    def row_multiple(self) -> int:
+        """Rows are padded to a multiple of this: 8, and of ``2 * cp`` (context parallelism
+        cuts a row into ``2 * cp`` equal chunks)."""
+        return math.lcm(8, 2 * self.ctx.cp)
 
     @property
     def position_fn(self) -> PositionFn | None:

@@ -25,7 +25,7 @@ from megatron_metis.algorithms import (
 )
 from megatron_metis.config import MetisConfig
 from megatron_metis.data import Problem
-from megatron_metis.models.forward import Microbatch, run_pipeline
+from megatron_metis.models.forward import Microbatch, gather_positions, run_pipeline
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import Completion, RolloutEngine, SamplingParams
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
@@ -245,6 +245,7 @@ def minibatch_microbatches(
                 micro_batch_size=cfg.train.micro_batch_size,
                 pad_id=int(rt.tokenizer.pad_token_id or 0),
                 position_fn=rt.engine.position_fn,
+                pad_to_multiple=rt.engine.row_multiple,
             )
         )
     return out
@@ -272,7 +273,7 @@ def attach_logprobs(
 
     def fn(output, inputs):
         lp, _ = engine.logprobs(output, inputs["labels"], temperature=temperature, model=model)
-        return lp.detach()
+        return gather_positions(lp.detach(), engine.ctx)
 
     for mbs in minibatches:
         model.eval()
@@ -356,7 +357,7 @@ def update_policy(
         for m in out.microbatch_metrics:
             for key, value in m.items():
                 local[key] = local.get(key, 0.0) + value
-        local = sum_over_dp(rt.ctx, from_last_stage(rt.ctx, local))
+        local = sum_over_dp(rt.ctx, from_last_stage(rt.ctx, local), with_cp=True)
         for key, value in local.items():
             sums[key] = sums.get(key, 0.0) + value
         sums["grad_norm"] += out.grad_norm / n_updates

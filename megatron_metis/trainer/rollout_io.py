@@ -20,6 +20,7 @@ import torch
 from megatron_metis.checkpoint import export_hf_weights
 from megatron_metis.data import Problem
 from megatron_metis.data.vl_inputs import encode_problems
+from megatron_metis.models.forward import gather_positions
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import (
     RolloutEngine,
@@ -81,11 +82,17 @@ class RequestCache:
 def trainer_logprobs(rt: Runtime, samples: Sequence[Sample], temperature: float) -> list[Any]:
     """Per-sample log-probs ``[L - 1]`` of tokens 1.. under the trainer (on every rank)."""
     rows = [[s] for s in samples]
-    mbs = build_microbatches(rows, micro_batch_size=1, pad_id=0, position_fn=rt.engine.position_fn)
+    mbs = build_microbatches(
+        rows,
+        micro_batch_size=1,
+        pad_id=0,
+        position_fn=rt.engine.position_fn,
+        pad_to_multiple=rt.engine.row_multiple,
+    )
 
     def fn(logits, inputs):
         lp, _ = rt.engine.logprobs(logits, inputs["labels"], temperature=temperature)
-        return lp.float().cpu()
+        return gather_positions(lp.float(), rt.ctx).cpu()
 
     outs = rt.engine.forward_only(mbs, fn)
     per_sample = [out[0, : len(s) - 1] for out, s in zip(outs, samples, strict=False)]

@@ -108,13 +108,17 @@ def mp_src_ranks(ctx: ParallelContext) -> tuple[int, int]:
 
 
 def broadcast_from_generator(ctx: ParallelContext, obj: Any) -> Any:
-    """Send a Python object from TP rank 0 / stage 0 to the whole model-parallel group."""
+    """Send a Python object from the generator (TP rank 0, stage 0, CP rank 0) to the rest of
+    its replica: its TP, PP and CP peers."""
     tp_src, pp_src = mp_src_ranks(ctx)
     box = [obj]
     if ctx.tp > 1:
         dist.broadcast_object_list(box, src=tp_src, group=ctx.tp_group)
     if ctx.pp > 1:
         dist.broadcast_object_list(box, src=pp_src, group=ctx.pp_group)
+    if ctx.cp > 1:  # after TP and PP: every CP rank 0 holds it now
+        cp_src = dist.get_process_group_ranks(ctx.cp_group)[0]
+        dist.broadcast_object_list(box, src=cp_src, group=ctx.cp_group)
     return box[0]
 
 
@@ -127,13 +131,20 @@ def from_last_stage(ctx: ParallelContext, obj: Any) -> Any:
     return box[0]
 
 
-def sum_over_dp(ctx: ParallelContext, values: dict[str, float]) -> dict[str, float]:
-    """Sum a dict of floats (same keys on every rank) over the data-parallel ranks."""
-    if ctx.dp == 1 or not values:
+def sum_over_dp(
+    ctx: ParallelContext, values: dict[str, float], *, with_cp: bool = False
+) -> dict[str, float]:
+    """Sum a dict of floats (same keys on every rank) over the data-parallel ranks.
+
+    ``with_cp``: also over the context-parallel ranks, for sums a loss function took over
+    this rank's positions only (CP ranks of one replica share its samples otherwise).
+    """
+    size, group = (ctx.dp * ctx.cp, ctx.dp_cp_group) if with_cp else (ctx.dp, ctx.dp_group)
+    if size == 1 or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=ctx.dp_group)
+    dist.all_reduce(t, group=group)
     return dict(zip(keys, t.tolist(), strict=True))
 
 

@@ -71,13 +71,14 @@ def sft_step(rt: Runtime, samples: list[Sample], step: int) -> dict[str, float]:
         micro_batch_size=cfg.train.micro_batch_size,
         pad_id=int(rt.tokenizer.pad_token_id or 0),
         position_fn=engine.position_fn,
+        pad_to_multiple=engine.row_multiple,
     )
     out = engine.train_step(mbs, sft_loss_fn(engine, cfg, norms), step)
     sums = {"nll": 0.0, "entropy": 0.0}
     for m in out.microbatch_metrics:
         sums["nll"] += float(m["nll_sum"])
         sums["entropy"] += float(m["entropy_sum"])
-    sums = sum_over_dp(rt.ctx, from_last_stage(rt.ctx, sums))
+    sums = sum_over_dp(rt.ctx, from_last_stage(rt.ctx, sums), with_cp=True)
     seconds = time.perf_counter() - start
     total_tokens = engine.global_count(sum(len(s) for s in samples))
     return {

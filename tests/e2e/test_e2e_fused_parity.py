@@ -35,8 +35,9 @@ def assets(tmp_path_factory):
     return {"hf": hf, "data": data, "root": root}
 
 
-def _run(assets, impl: str) -> dict:
+def _run(assets, impl: str, cp: int = 1) -> dict:
     extra = [
+        f"parallel.cp={cp}",
         f"train.max_steps={STEPS}",
         f"train.logprob_impl={impl}",
         "grpo.group_size=4",
@@ -49,26 +50,52 @@ def _run(assets, impl: str) -> dict:
         "optimizer.lr=1e-2",
         "checkpoint.save_interval=0",
     ]
-    out = str(assets["root"] / f"rl_{impl}")
-    return spawn(rl_worker, 1, assets["hf"], assets["data"], out, "digits", extra, timeout_s=300)[0]
+    out = str(assets["root"] / f"rl_{impl}_cp{cp}")
+    ranks = spawn(rl_worker, cp, assets["hf"], assets["data"], out, "digits", extra, timeout_s=300)
+    return ranks[0]
 
 
-def test_fused_and_logits_runs_give_the_same_losses(assets):
-    ref, fused = _run(assets, "logits"), _run(assets, "fused")
-    assert sorted(ref) == sorted(fused) == list(range(1, STEPS + 1))
+@pytest.fixture(scope="module")
+def logits_run(assets) -> dict:
+    return _run(assets, "logits")
+
+
+def _max_diffs(ref: dict, other: dict) -> tuple[dict[str, float], float]:
+    """Max relative difference of each COMPARED metric, and max absolute loss difference."""
+    assert sorted(ref) == sorted(other) == list(range(1, STEPS + 1))
     steps = sorted(ref)
     diffs = {
-        key: max(abs(fused[s][key] - ref[s][key]) / max(abs(ref[s][key]), 1e-6) for s in steps)
+        key: max(abs(other[s][key] - ref[s][key]) / max(abs(ref[s][key]), 1e-6) for s in steps)
         for key in COMPARED
     }
-    loss_diff = max(abs(fused[s]["loss"] - ref[s]["loss"]) for s in steps)
+    loss_diff = max(abs(other[s]["loss"] - ref[s]["loss"]) for s in steps)
     print("max relative diff over steps:", {k: f"{v:.1e}" for k, v in diffs.items()})
-    print(f"max abs loss diff {loss_diff:.1e}; losses logits/fused:")
-    print([ref[s]["loss"] for s in steps], [fused[s]["loss"] for s in steps])
-    config = (assets["root"] / "rl_fused" / "config.yaml").read_text()
+    print(f"max abs loss diff {loss_diff:.1e}; losses:")
+    print([ref[s]["loss"] for s in steps], [other[s]["loss"] for s in steps])
+    return diffs, loss_diff
+
+
+def test_fused_and_logits_runs_give_the_same_losses(assets, logits_run):
+    ref, fused = logits_run, _run(assets, "fused")
+    diffs, loss_diff = _max_diffs(ref, fused)
+    config = (assets["root"] / "rl_fused_cp1" / "config.yaml").read_text()
     assert "logprob_impl: fused" in config
-    assert all(ref[s]["updates_applied"] == 2 for s in steps)  # the loss ran every step
-    assert any(ref[s]["kl"] > 0 for s in steps)
+    assert all(ref[s]["updates_applied"] == 2 for s in ref)  # the loss ran every step
+    assert any(ref[s]["kl"] > 0 for s in ref)
+    assert loss_diff < LOSS_ATOL
+    for key, diff in diffs.items():
+        assert diff < REL_TOL, (key, diff)
+
+
+def test_context_parallel_run_gives_the_same_losses(assets, logits_run):
+    """The same RL run at CP=2: each rank trains on half of every row's positions. The old and
+    reference log-probs, the weight-stream probe and the loss metrics are gathered or summed
+    over the CP ranks, and the rollouts reach both ranks from the generator."""
+    cp2 = _run(assets, "logits", cp=2)
+    config = (assets["root"] / "rl_logits_cp2" / "config.yaml").read_text()
+    assert "cp: 2" in config
+    diffs, loss_diff = _max_diffs(logits_run, cp2)
+    assert all(cp2[s]["updates_applied"] == 2 for s in cp2)
     assert loss_diff < LOSS_ATOL
     for key, diff in diffs.items():
         assert diff < REL_TOL, (key, diff)

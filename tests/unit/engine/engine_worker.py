@@ -55,6 +55,10 @@ def _grads(model, ctx, arch, ids, divisible_by: int):
         lambda logits, inputs: ((logits * inputs["w"]).sum(), {}),
         forward_only=False,
     )
+    if ctx.cp > 1:  # each CP rank holds the gradient of its positions: sum them, as DDP does
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, group=ctx.cp_group)
     zero = torch.zeros(())
     return {
         k: v.clone()
@@ -68,12 +72,17 @@ def _grads(model, ctx, arch, ids, divisible_by: int):
 
 
 def layout_worker(
-    hf_dirs: dict[str, str], tp: int, pp: int, save_to: str | None, load_from: str | None
+    hf_dirs: dict[str, str],
+    tp: int,
+    pp: int,
+    save_to: str | None,
+    load_from: str | None,
+    cp: int = 1,
 ) -> dict:
-    """At one TP x PP layout, for each tiny HF model: logits, HF-named gradients, the exported
-    weights; optionally save a dist checkpoint and reload one saved at another layout."""
+    """At one TP x PP x CP layout, for each tiny HF model: logits, HF-named gradients, the
+    exported weights; optionally save a dist checkpoint and reload one saved at another layout."""
     torch.set_num_threads(1)
-    ctx = init_parallel(ParallelConfig(tp=tp, pp=pp, timeout_s=120))
+    ctx = init_parallel(ParallelConfig(tp=tp, pp=pp, cp=cp, timeout_s=120))
     out: dict = {}
     for tag, hf_dir in hf_dirs.items():
         # make_vocab_size_divisible_by=1 exercises padding by TP alone (131 -> 132 at TP=2).

@@ -1,4 +1,5 @@
-"""The Qwen2 language model on the engine against transformers, at TP=1, TP=2, PP=2, TP2xPP2.
+"""The Qwen2 language model on the engine against transformers, at TP=1, TP=2, PP=2, TP2xPP2,
+and with context parallelism CP=2 alone, with TP=2 and with PP=2.
 
 One spawned job per layout computes everything (logits, gradients, exported weights, dist
 checkpoints) for a tied and an untied tiny model; the tests assert on the collected results.
@@ -14,7 +15,8 @@ from tiny_models import make_tiny_qwen2
 
 from megatron_metis.parallel import spawn
 
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]
+"""(TP, PP, CP)"""
 TAGS = ("untied", "tied")
 
 
@@ -44,19 +46,25 @@ def hf_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(hf_models, tmp_path_factory):
     """Run the layouts in an order that also moves dist checkpoints across layouts:
-    TP=2 saves -> TP=1 loads it and saves -> TP2xPP2 loads the TP=1 one."""
+    TP=2 saves -> TP=1 loads it and saves -> TP2xPP2 and TP2xCP2 load the TP=1 one;
+    CP=2 saves -> PP2xCP2 loads it."""
     ckpt = tmp_path_factory.mktemp("ckpt")
     dirs = {tag: m["dir"] for tag, m in hf_models.items()}
     plan = {
-        (2, 1): (str(ckpt / "tp2"), None),
-        (1, 1): (str(ckpt / "tp1"), str(ckpt / "tp2")),
-        (1, 2): (None, None),
-        (2, 2): (None, str(ckpt / "tp1")),
+        (2, 1, 1): (str(ckpt / "tp2"), None),
+        (1, 1, 1): (str(ckpt / "tp1"), str(ckpt / "tp2")),
+        (1, 2, 1): (None, None),
+        (2, 2, 1): (None, str(ckpt / "tp1")),
+        (1, 1, 2): (str(ckpt / "cp2"), None),
+        (2, 1, 2): (None, str(ckpt / "tp1")),
+        (1, 2, 2): (None, str(ckpt / "cp2")),
     }
     out = {}
-    for (tp, pp), (save_to, load_from) in plan.items():
-        ranks = spawn(layout_worker, tp * pp, dirs, tp, pp, save_to, load_from, timeout_s=240)
-        out[(tp, pp)] = ranks
+    for (tp, pp, cp), (save_to, load_from) in plan.items():
+        ranks = spawn(
+            layout_worker, tp * pp * cp, dirs, tp, pp, save_to, load_from, cp, timeout_s=240
+        )
+        out[(tp, pp, cp)] = ranks
     return out
 
 
@@ -66,47 +74,47 @@ def _last_stage(ranks, tag, key):
     return values[0]
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
+@pytest.mark.parametrize("tp,pp,cp", LAYOUTS)
 @pytest.mark.parametrize("tag", TAGS)
-def test_logits_match_transformers(results, hf_models, tag, tp, pp):
-    logits = _last_stage(results[(tp, pp)], tag, "logits")
+def test_logits_match_transformers(results, hf_models, tag, tp, pp, cp):
+    logits = _last_stage(results[(tp, pp, cp)], tag, "logits")
     assert logits.shape == (BATCH, SEQ, 131)
     diff = (logits - hf_models[tag]["logits"]).abs().max().item()
-    assert diff <= 1e-5, f"{tag} TP={tp} PP={pp}: max |logits - HF| = {diff:.3g}"
+    assert diff <= 1e-5, f"{tag} TP={tp} PP={pp} CP={cp}: max |logits - HF| = {diff:.3g}"
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
+@pytest.mark.parametrize("tp,pp,cp", LAYOUTS)
 @pytest.mark.parametrize("tag", TAGS)
-def test_hf_round_trip_is_bit_exact(results, hf_models, tag, tp, pp):
+def test_hf_round_trip_is_bit_exact(results, hf_models, tag, tp, pp, cp):
     """HF -> Megatron (TP/PP shards, vocab 131 padded) -> HF gives back every tensor exactly."""
     original = hf_models[tag]["files"]
-    for rank_result in results[(tp, pp)]:
+    for rank_result in results[(tp, pp, cp)]:
         exported = rank_result[tag]["exported"]
         assert set(exported) == set(original)
         for name, tensor in original.items():
             assert torch.equal(exported[name], tensor), f"{name} differs after the round trip"
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_gradients_match_transformers(results, hf_models, tp, pp):
+@pytest.mark.parametrize("tp,pp,cp", LAYOUTS)
+def test_gradients_match_transformers(results, hf_models, tp, pp, cp):
     """Engine gradients (gathered to HF names) equal transformers' and so equal TP=1's.
 
     Tied embeddings are checked at PP=1, where one parameter receives both uses; at PP>1 the
     two copies are summed by the optimizer's grad sync, which is the trainer's job.
     """
     for tag in TAGS:
-        grads = results[(tp, pp)][0][tag]["grads"]
+        grads = results[(tp, pp, cp)][0][tag]["grads"]
         for name, ref in hf_models[tag]["grads"].items():
             if tag == "tied" and pp > 1 and name == "model.embed_tokens.weight":
                 continue
             diff = (grads[name] - ref).abs().max().item()
             scale = ref.abs().max().item() + 1e-6
-            assert diff <= 1e-4 * scale + 1e-5, f"{tag} TP={tp} PP={pp} {name}: {diff:.3g}"
+            assert diff <= 1e-4 * scale + 1e-5, f"{tag} TP={tp} PP={pp} CP={cp} {name}: {diff:.3g}"
 
 
-def test_tp2_and_pp2_gradients_equal_tp1(results):
-    base = results[(1, 1)][0]["untied"]["grads"]
-    for layout in [(2, 1), (1, 2), (2, 2)]:
+def test_tp2_pp2_and_cp2_gradients_equal_tp1(results):
+    base = results[(1, 1, 1)][0]["untied"]["grads"]
+    for layout in LAYOUTS[1:]:
         other = results[layout][0]["untied"]["grads"]
         for name in base:
             assert torch.allclose(other[name], base[name], atol=1e-5, rtol=1e-4), (layout, name)
@@ -114,9 +122,10 @@ def test_tp2_and_pp2_gradients_equal_tp1(results):
 
 @pytest.mark.parametrize("tag", TAGS)
 def test_dist_checkpoint_moves_between_layouts(results, tag):
-    """Saved at TP=2, loaded at TP=1 (and saved at TP=1, loaded at TP=2 x PP=2): the reloaded
-    model's logits are identical to those of the same layout loaded from HF."""
-    for layout in [(1, 1), (2, 2)]:
+    """Saved at TP=2, loaded at TP=1 (and saved at TP=1, loaded at TP=2 x PP=2 and at TP=2 x
+    CP=2; saved at CP=2, loaded at PP=2 x CP=2): the reloaded model's logits are identical to
+    those of the same layout loaded from HF."""
+    for layout in [(1, 1, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]:
         ranks = results[layout]
         reloaded = _last_stage(ranks, tag, "reloaded_logits")
         direct = _last_stage(ranks, tag, "logits")

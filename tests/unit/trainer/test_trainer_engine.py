@@ -1,10 +1,11 @@
 """The training engine against transformers and across layouts.
 
-One spawn per layout (TP=1, TP=2, PP=2, DP=2) computes per-token log-probs of mixed image and
-text SFT samples, the SFT loss packed and unpacked, and three SFT steps on a fixed batch; the
-tests compare: log-probs equal transformers' at every layout, packing does not change the
-loss, and the losses and gradient norms of the steps agree across layouts (the CPU
-optimizer's grad norm and clipping, DP gradient reduction with global token normalisation).
+One spawn per layout (TP=1, TP=2, PP=2, DP=2, CP=2, TP=2 x CP=2) computes per-token log-probs
+of mixed image and text SFT samples, the SFT loss packed and unpacked, and three SFT steps on a
+fixed batch; the tests compare: log-probs equal transformers' at every layout, packing does not
+change the loss, and the losses and gradient norms of the steps agree across layouts (the CPU
+optimizer's grad norm and clipping, DP and CP gradient reduction with global token
+normalisation).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from megatron_metis.data.vl_inputs import build_vl_processor
 from megatron_metis.parallel import spawn
 from megatron_metis.trainer.sft_data import load_sft_dataset
 
-LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
+LAYOUTS = {
+    "tp1": (1, 1, 1, 1),
+    "tp2": (2, 1, 1, 2),
+    "pp2": (1, 2, 1, 2),
+    "dp2": (1, 1, 1, 2),
+    "cp2": (1, 1, 2, 2),
+    "tp2cp2": (2, 1, 2, 4),
+}
+"""name: (TP, PP, CP, world size); DP is what is left."""
 STEPS = 3
 
 
@@ -33,7 +42,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def layouts(tiny):
     out = {}
-    for name, (tp, pp, world) in LAYOUTS.items():
+    for name, (tp, pp, cp, world) in LAYOUTS.items():
         results = spawn(
             layout_worker,
             world,
@@ -43,6 +52,7 @@ def layouts(tiny):
             tp,
             pp,
             STEPS,
+            cp,
             timeout_s=300,
         )
         out[name] = results[0]
@@ -79,10 +89,10 @@ def _hf_logprobs(tiny) -> list[torch.Tensor]:
     return out
 
 
-def test_logprobs_equal_transformers_at_tp1_tp2_pp2(tiny, layouts):
+def test_logprobs_equal_transformers_at_tp1_tp2_pp2_cp2(tiny, layouts):
     refs = _hf_logprobs(tiny)
     assert any(r.numel() for r in refs)
-    for name in ("tp1", "tp2", "pp2"):
+    for name in ("tp1", "tp2", "pp2", "cp2", "tp2cp2"):
         got = layouts[name]["logprobs"]
         assert len(got) == len(refs)
         for a, b in zip(got, refs, strict=True):
@@ -91,15 +101,15 @@ def test_logprobs_equal_transformers_at_tp1_tp2_pp2(tiny, layouts):
 
 def test_packed_loss_equals_unpacked_and_layouts_agree(layouts):
     base = layouts["tp1"]["loss_unpacked"]
-    for name in ("tp1", "tp2", "pp2", "dp2"):
+    for name in LAYOUTS:
         assert layouts[name]["loss_packed"] == pytest.approx(base, abs=1e-5), name
         assert layouts[name]["loss_unpacked"] == pytest.approx(base, abs=1e-5), name
 
 
-def test_training_steps_agree_across_tp_pp_dp(layouts):
+def test_training_steps_agree_across_tp_pp_dp_cp(layouts):
     ref = layouts["tp1"]
     assert ref["step_loss"][-1] < ref["step_loss"][0]  # it learns
-    for name in ("tp2", "pp2", "dp2"):
+    for name in ("tp2", "pp2", "dp2", "cp2", "tp2cp2"):
         got = layouts[name]
         assert got["step_loss"] == pytest.approx(ref["step_loss"], abs=2e-5), name
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name

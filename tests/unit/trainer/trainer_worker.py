@@ -44,7 +44,13 @@ def _loss_of(rt, samples: list[Sample], *, pack: bool) -> float:
     """Forward-only SFT loss of the samples (global token mean) at this layout."""
     engine = rt.engine
     rows = pack_rows(samples, max_tokens=2048, pack=pack)
-    mbs = build_microbatches(rows, micro_batch_size=1, pad_id=0, position_fn=engine.position_fn)
+    mbs = build_microbatches(
+        rows,
+        micro_batch_size=1,
+        pad_id=0,
+        position_fn=engine.position_fn,
+        pad_to_multiple=engine.row_multiple,
+    )
     ntok = engine.global_count(sum(s.num_targets for s in samples))
 
     def fn(logits, inputs):
@@ -53,14 +59,17 @@ def _loss_of(rt, samples: list[Sample], *, pack: bool) -> float:
 
     outs = engine.forward_only(mbs, fn)
     local = from_last_stage(rt.ctx, {"loss": sum(outs)} if rt.ctx.is_last_stage else None)
-    return sum_over_dp(rt.ctx, local)["loss"]
+    return sum_over_dp(rt.ctx, local, with_cp=True)["loss"]
 
 
-def layout_worker(hf_dir: str, data: str, out: str, tp: int, pp: int, steps: int) -> dict:
+def layout_worker(
+    hf_dir: str, data: str, out: str, tp: int, pp: int, steps: int, cp: int = 1
+) -> dict:
     """At one layout: per-sample log-probs, packed/unpacked SFT loss, then ``steps`` SFT steps
     on a fixed batch (split over DP) with their losses and grad norms."""
     torch.set_num_threads(1)
-    cfg = load_config(None, overrides(hf_dir, data, out, f"parallel.tp={tp}", f"parallel.pp={pp}"))
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.cp={cp}"]
+    cfg = load_config(None, overrides(hf_dir, data, out, *layout))
     rt, _ = build_runtime(cfg, phase="sft", total_steps=steps)
     ds = load_sft_dataset(
         cfg.data.train_files, cfg.data, cfg.sft, processor=rt.processor, chat=rt.chat
