@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from megatron_metis.algorithms.sft import ChatTokenIds
 from megatron_metis.checkpoint import load_hf_weights
-from megatron_metis.config import MetisConfig, save_resolved_config
+from megatron_metis.config import ConfigError, MetisConfig, save_resolved_config
 from megatron_metis.models import build_model, read_hf_config
+from megatron_metis.models.specs import use_transformer_engine
 from megatron_metis.parallel import ParallelContext, init_parallel
 from megatron_metis.trainer.checkpointing import find_latest_checkpoint, load_train_checkpoint
 from megatron_metis.trainer.engine import TrainEngine
@@ -58,6 +59,21 @@ def prepare_hf_dir(cfg: MetisConfig) -> Path:
     return hf_dir
 
 
+def check_packing_supported(cfg: MetisConfig, phase: str, device: torch.device) -> None:
+    """Packed rows keep samples apart with an explicit block-causal mask, which Megatron's local
+    attention (CPU) applies. Transformer Engine's causal attention ignores that mask; packing
+    there needs THD inputs with per-sample ``cu_seqlens``, which the trainer does not build
+    yet, so packed samples would attend to each other. Refuse instead of training on that."""
+    key = "sft.pack_sequences" if phase == "sft" else "train.pack_sequences"
+    packing = cfg.sft.pack_sequences if phase == "sft" else cfg.train.pack_sequences
+    if packing and use_transformer_engine(cfg.model, device):
+        raise ConfigError(
+            f"{key}=true with Transformer Engine layers: packed samples would attend to each "
+            f"other (TE's causal attention ignores the block mask; THD packing is not wired "
+            f"yet). Set {key}=false, or model.transformer_impl=local"
+        )
+
+
 def build_runtime(
     cfg: MetisConfig, *, phase: str, total_steps: int
 ) -> tuple[Runtime, TrainState | None]:
@@ -70,6 +86,7 @@ def build_runtime(
     from megatron_metis.data.vl_inputs import build_vl_processor
 
     ctx = init_parallel(cfg.parallel, seed=cfg.run.seed)
+    check_packing_supported(cfg, phase, ctx.device)
     if ctx.rank == 0:
         prepare_hf_dir(cfg)
         save_resolved_config(cfg, Path(cfg.run.output_dir))

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_metis.config import load_config
 from megatron_metis.models.arch import Qwen2Arch
@@ -112,3 +113,23 @@ def test_tiny_recipes_generate_long_enough_for_every_synthetic_solution(monkeypa
             limits[f"{recipe.name} -> {name}"] = phase.rollout.max_new_tokens
         for where, limit in limits.items():
             assert limit > longest, f"{where}: rollout.max_new_tokens={limit} <= {longest}"
+
+
+def test_packing_under_transformer_engine_is_refused(monkeypatch):
+    """TE's causal attention ignores the block mask of packed rows: the trainer refuses the
+    combination (naming the key) instead of training samples that attend to each other; the
+    GPU recipes turn packing off."""
+    from megatron_metis.config import ConfigError
+    from megatron_metis.trainer import setup
+
+    monkeypatch.setattr(setup, "use_transformer_engine", lambda *_: True)
+    cuda = torch.device("cuda")
+    with pytest.raises(ConfigError, match="sft.pack_sequences=true with Transformer Engine"):
+        setup.check_packing_supported(load_config(None, []), "sft", cuda)
+    with pytest.raises(ConfigError, match="train.pack_sequences=true"):
+        setup.check_packing_supported(load_config(None, []), "rl", cuda)
+    gpu_recipes = [p for p in RECIPES if "tiny" not in p.name]
+    assert len(gpu_recipes) == 4
+    for path in gpu_recipes:
+        phase = "sft" if path.name.startswith("sft") else "rl"
+        setup.check_packing_supported(load_config(str(path), []), phase, cuda)
