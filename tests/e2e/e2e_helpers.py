@@ -101,3 +101,61 @@ def probe_worker(hf_dir: str, data: str, out: str, extra: list[str]) -> list[dic
     torch.set_num_threads(1)
     cfg = load_config(None, base_overrides(hf_dir, data, out) + list(extra))
     return probe_updates(cfg, updates=3, scorer=DigitScorer())
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "examples" / "recipes"
+
+
+def tiny_recipe_worker(root: str, seed: int, warmup_steps: int, rl_steps: int) -> dict:
+    """The tiny recipes, short, on counting and bar comparison (difficulty 1): warm-up SFT
+    from a random tiny Qwen2.5-VL, ``metis rl``, and held-out accuracy (sampled at T=1, 4 per
+    problem) of both; returns the accuracies and the RL metrics by step."""
+    from megatron_metis.data.synth import write_synthetic_dataset
+    from megatron_metis.stages.steps import eval_step
+    from megatron_metis.trainer.metrics import read_metrics
+    from megatron_metis.trainer.rl import run_rl
+    from megatron_metis.trainer.sft import run_sft
+
+    torch.set_num_threads(2)
+    data = Path(root) / "data"
+    write_synthetic_dataset(data, n=600, seed=11, categories=["compare", "count"], difficulties=[1])
+    common = [
+        f"run.seed={seed}",
+        f"data.train_files=[{data}/train.jsonl]",
+        "data.test_files=[]",
+        "train.eval_interval=0",
+        "checkpoint.save_interval=0",
+        "logging.progress_bar=false",
+        "rewards.num_workers=0",
+    ]
+    warm = load_config(
+        str(RECIPES / "sft-tiny-qwen2.5vl-cpu.yaml"),
+        [
+            *common,
+            f"model.hf_dir={root}/init",
+            f"run.output_dir={root}/warmup",
+            f"train.max_steps={warmup_steps}",
+        ],
+    )
+    run_sft(warm)
+    rl = load_config(
+        str(RECIPES / "grpo-tiny-qwen2.5vl-cpu.yaml"),
+        [
+            *common,
+            f"model.hf_dir={root}/warmup/hf",
+            f"run.output_dir={root}/rl",
+            f"train.max_steps={rl_steps}",
+            "eval.mode=sampled",
+            "eval.temperature=1.0",
+            "eval.num_samples=4",
+        ],
+    )
+    run_rl(rl)
+    test = [data / "test.jsonl"]
+    acc = {
+        label: eval_step(rl, Path(root) / label / "hf", test, Path(root) / f"eval_{label}")[
+            "average"
+        ]
+        for label in ("warmup", "rl")
+    }
+    return {"base": acc["warmup"], "rl": acc["rl"], "rl_metrics": read_metrics(f"{root}/rl", "rl")}
