@@ -29,6 +29,13 @@ def register(subparsers: Any) -> None:
     synth.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     synth.add_argument("--categories", default=None, help="comma list (default: all)")
     synth.add_argument("--difficulties", default="1,2,3", help="comma list of 1-3")
+    synth.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="synthetic JSONL files whose problems (by `key`) must not be generated again",
+    )
     synth.set_defaults(func=run_synth)
 
 
@@ -73,8 +80,26 @@ def run_synth(args: argparse.Namespace) -> int:
         fmt=args.format,
         categories=categories,
         difficulties=difficulties,
+        exclude_keys=_synthetic_keys(args.exclude),
     )
     for name, path in summary.files.items():
         print(f"{name}: {path}")
     print(" ".join(f"{k}={v}" for k, v in summary.counts.items()))
     return 0
+
+
+def _synthetic_keys(files: list[str]) -> set[str]:
+    """The ``key`` of every row of the given synthetic JSONL files."""
+    import json
+
+    keys: set[str] = set()
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "key" not in row:
+                    raise ValueError(f"{path}: row {i} ({row.get('id')!r}) has no synthetic `key`")
+                keys.add(row["key"])
+    return keys

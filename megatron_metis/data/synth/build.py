@@ -13,7 +13,7 @@ import io
 import json
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,8 +57,12 @@ def generate_rows(
     seed: int,
     categories: Sequence[str] = CATEGORIES,
     difficulties: Sequence[int] = DIFFICULTIES,
+    exclude_keys: Collection[str] = (),
 ) -> list[tuple[dict[str, Any], bytes | None]]:
     """``n`` distinct problems as (row without image paths, PNG bytes or None), deterministic.
+
+    Problems whose content key is in ``exclude_keys`` are skipped like duplicates (a new
+    prompt pool that must not repeat another set's train or test problems).
 
     Raises:
         ValueError: bad arguments, or fewer than ``n`` distinct problems exist.
@@ -69,7 +73,7 @@ def generate_rows(
         raise ValueError("categories and difficulties must not be empty")
     rng = random.Random(seed)
     rows: list[tuple[dict[str, Any], bytes | None]] = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude_keys)
     misses = 0  # duplicates in a row: the category's problem space is used up
     while len(rows) < n:
         category = categories[len(rows) % len(categories)]
@@ -123,12 +127,16 @@ def write_synthetic_dataset(
     fmt: Literal["jsonl", "parquet"] = "jsonl",
     categories: Sequence[str] = CATEGORIES,
     difficulties: Sequence[int] = DIFFICULTIES,
+    exclude_keys: Collection[str] = (),
 ) -> SynthSummary:
-    """Generate ``n`` problems and write the train and test files under ``out_dir``."""
+    """Generate ``n`` problems (none whose key is in ``exclude_keys``) and write the train and
+    test files under ``out_dir``."""
     if not 0.0 <= test_frac < 1.0:
         raise ValueError(f"test_frac must be in [0, 1), got {test_frac}")
     out = Path(out_dir)
-    rows = generate_rows(n, seed=seed, categories=categories, difficulties=difficulties)
+    rows = generate_rows(
+        n, seed=seed, categories=categories, difficulties=difficulties, exclude_keys=exclude_keys
+    )
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     for row, png in rows:
         if png is not None and fmt == "jsonl":

@@ -96,3 +96,25 @@ def test_an_exhausted_category_fails_fast_and_names_itself() -> None:
         ValueError, match=r"could only generate \d+ distinct problems of 5000.*'arith'"
     ):
         generate_rows(5000, seed=0, categories=["arith"], difficulties=[1])
+
+
+def test_exclude_keeps_a_new_pool_off_another_sets_problems(tmp_path: Path) -> None:
+    """`metis data synth --exclude`: a second seed at the same difficulties repeats many
+    problems of the first set (small problem spaces at difficulty 1); excluded, none."""
+    from megatron_metis.cli.main import main
+
+    first, pool = tmp_path / "first", tmp_path / "pool"
+    args = ["data", "synth", "--n", "150", "--difficulties", "1,2"]
+    assert main([*args, "--out", str(first), "--seed", "0"]) == 0
+    files = [str(first / "train.jsonl"), str(first / "test.jsonl")]
+
+    def keys(*paths: str | Path) -> set[str]:
+        return {json.loads(line)["key"] for p in paths for line in Path(p).read_text().splitlines()}
+
+    taken = keys(*files)
+    plain = generate_rows(150, seed=7, difficulties=[1, 2])
+    assert {row["key"] for row, _ in plain} & taken  # the overlap --exclude exists for
+    code = main([*args, "--out", str(pool), "--seed", "7", "--test-frac", "0", "--exclude", *files])
+    assert code == 0
+    new = keys(pool / "train.jsonl")
+    assert len(new) == 150 and not new & taken
