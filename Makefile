@@ -27,6 +27,7 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out runs/demo/data --n 1200 --seed 0 --difficulties 1,2
+	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out runs/demo/pool --n 1000 --seed 7 --difficulties 1,2 --test-frac 0 --exclude runs/demo/data/train.jsonl runs/demo/data/test.jsonl
 	HF_HUB_OFFLINE=1 $(BIN)/metis pipeline examples/recipes/pipeline-tiny-cpu.yaml
 
 clean:
