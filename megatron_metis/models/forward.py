@@ -82,10 +82,15 @@ def _per_position(value: Any, b: int, s: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (b, s)
 
 
-def _embeds_full_sequence(model: torch.nn.Module) -> bool:
-    while hasattr(model, "module"):  # DDP / Float16Module wrappers
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The engine model inside its DDP / Float16Module wrappers (``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
-    return bool(getattr(model, "embeds_full_sequence", False))
+    return model
+
+
+def _embeds_full_sequence(model: torch.nn.Module) -> bool:
+    return bool(getattr(unwrap(model), "embeds_full_sequence", False))
 
 
 def run_pipeline(

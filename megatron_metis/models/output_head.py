@@ -33,6 +33,8 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
+from megatron_metis.models.forward import unwrap
+
 
 class HiddenStateOutputLayer(ColumnParallelLinear):
     """``ColumnParallelLinear`` whose forward returns its (TP-replicated) input, not logits."""
@@ -56,8 +58,7 @@ class HiddenStateOutputLayer(ColumnParallelLinear):
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     """The ``GPTModel`` of an engine model: unwraps DDP (``.module``) and Qwen2.5-VL
     (``.language_model``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
+    model = unwrap(model)
     return getattr(model, "language_model", model)
 
 

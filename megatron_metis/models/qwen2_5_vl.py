@@ -104,8 +104,14 @@ class Qwen2_5_VLModel(MegatronModule):
         self.tokens = tokens
         self.model_type = language_model.model_type
         self.vocab_size = language_model.vocab_size
-        pg = getattr(language_model, "pg_collection", None)
-        self.cp_group = getattr(pg, "cp", None) if self.config.context_parallel_size > 1 else None
+        self.cp_group = None
+        if self.config.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            pg = getattr(language_model, "pg_collection", None)
+            self.cp_group = getattr(pg, "cp", None)
+            if self.cp_group is None:
+                self.cp_group = parallel_state.get_context_parallel_group()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""

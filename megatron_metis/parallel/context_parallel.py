@@ -62,8 +62,9 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, dim, group):
         size, rank = _group_size_rank(group)
+        t = t.contiguous()  # gloo: receive buffers and the sent tensor must be dense
         parts = [torch.empty_like(t) for _ in range(size)]
-        dist.all_gather(parts, t.contiguous(), group=group)
+        dist.all_gather(parts, t, group=group)
         order = _natural_order(size, t.shape[dim]).to(t.device)
         ctx.dim, ctx.group, ctx.size, ctx.rank = dim, group, size, rank
         return torch.cat(parts, dim=dim).index_select(dim, order)
