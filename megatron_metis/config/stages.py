@@ -147,6 +147,9 @@ class PipelineConfig:
     """Dotted overrides applied to the RL recipe (e.g. ``train.max_steps=20``)."""
     sft_overrides: list[str] = field(default_factory=list)
     warmup_overrides: list[str] = field(default_factory=list)
+    warmup_train_files: list[str] = field(default_factory=list)
+    """Training data of the warm-up (an instruct model is trained on other data than the RL
+    prompts); empty: ``data.train_files``."""
     rounds: int = 1
     """RL -> SFT rounds; > 1 runs the paper's future-work iteration (round r starts RL from
     round r-1's SFT checkpoint)."""

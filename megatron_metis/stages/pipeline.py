@@ -93,8 +93,9 @@ def run_metis_rise(cfg: MetisConfig, *, force: bool = False) -> dict[str, Any]:
         "run.seed": cfg.run.seed,
     }
     if p.warmup_recipe:
+        warm_data = {**data, "data.train_files": p.warmup_train_files or cfg.data.train_files}
         warm = phase_config(
-            p.warmup_recipe, p.warmup_overrides, **data, **{"run.output_dir": root / "warmup"}
+            p.warmup_recipe, p.warmup_overrides, **warm_data, **{"run.output_dir": root / "warmup"}
         )
         base = _phase_stage("warmup", "sft", warm, force=force)
     evals = {}

@@ -93,6 +93,17 @@ def test_stages_run_in_order_and_hand_over_checkpoints(recipe, monkeypatch):
     assert trains[2][4] == [str(run / "round1" / "sft_data" / "sft.jsonl")]
     assert trains[3][3] == str(run / "round1" / "sft" / "hf")  # round 2 RL from round 1 SFT
     assert list(result["evals"]) == ["base", "rl", "rl_sft", "rl_r2", "rl_sft_r2"]
+    assert trains[0][4] == trains[1][4] == ["train.jsonl"]  # no warm-up data: the RL data
+
+
+def test_the_warm_up_trains_on_its_own_files(recipe, monkeypatch):
+    fakes = Fakes()
+    _install(monkeypatch, fakes)
+    cfg = load_config(recipe, ["pipeline.warmup_train_files=[warm.jsonl]"])
+    pipeline.run_metis_rise(cfg)
+    trains = [c for c in fakes.calls if c[0] == "train"]
+    assert trains[0][4] == ["warm.jsonl"]
+    assert trains[1][4] == ["train.jsonl"]  # RL keeps the pipeline's data
 
 
 def test_rerun_after_a_crash_continues_where_it_stopped(recipe, monkeypatch):
