@@ -16,6 +16,7 @@ def expert_solution(category: str, scene: Scene) -> str:
         "count": _solve_count,
         "read_number": _solve_read_number,
         "compare": _solve_compare,
+        "tally": _solve_tally,
         "arith": _solve_arith,
         "algebra": _solve_algebra,
     }
@@ -64,6 +65,13 @@ def _solve_compare(scene: Scene) -> tuple[str, str]:
         f"the {larger} is larger."
     )
     return reasoning, "A" if square > circle else "B"
+
+
+def _solve_tally(scene: Scene) -> tuple[str, str]:
+    letter = scene["letter"]
+    n = sum(c == letter for c in scene["sequence"])
+    seen = ", ".join(scene["sequence"])
+    return f"The letters are {seen}. Counting the {letter}'s: there are {n}.", str(n)
 
 
 def _solve_arith(scene: Scene) -> tuple[str, str]:

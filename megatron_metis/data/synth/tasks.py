@@ -1,4 +1,4 @@
-"""Synthetic problem generators: small PIL-rendered images and text-only arithmetic/algebra.
+"""Synthetic problem generators: small PIL-rendered images, and text-only tally/arithmetic/algebra.
 
 Each generator draws a *scene* (plain JSON data) from a seeded ``random.Random``; the question,
 the gold answer and the image are functions of the scene, and the expert solver (``solver.py``)
@@ -25,7 +25,8 @@ COLORS = {
     "purple": (140, 60, 180),
 }
 SHAPES = ("circle", "square", "triangle")
-CATEGORIES = ("count", "read_number", "compare", "arith", "algebra")
+LETTERS = "abcdef"
+CATEGORIES = ("count", "read_number", "compare", "tally", "arith", "algebra")
 DIFFICULTIES = (1, 2, 3)
 
 
@@ -160,6 +161,24 @@ def _draw_compare(scene: Scene) -> Image.Image:
     return image
 
 
+def _tally(rng: random.Random, difficulty: int) -> SynthProblem:
+    """Counting in text, the text-only twin of ``count``: a tiny model learns it, so an RL run
+    on text-only data has something to improve (the paper's RL-data ablation)."""
+    length, most, alphabet = {1: ((4, 6), 3, 3), 2: ((7, 10), 5, 5), 3: ((12, 16), 8, 6)}[
+        difficulty
+    ]
+    letters = LETTERS[:alphabet]
+    target = rng.choice(letters)
+    n_target = rng.randint(1, most)
+    others = [c for c in letters if c != target]
+    sequence = [target] * n_target
+    sequence += [rng.choice(others) for _ in range(rng.randint(*length) - n_target)]
+    rng.shuffle(sequence)
+    scene = {"letter": target, "sequence": sequence}
+    question = f"How many times does the letter {target} appear in: {' '.join(sequence)}?"
+    return SynthProblem("tally", difficulty, question, str(n_target), scene)
+
+
 def _arith(rng: random.Random, difficulty: int) -> SynthProblem:
     if difficulty == 1:
         a, b, op = rng.randint(0, 9), rng.randint(0, 9), "+"
@@ -191,6 +210,7 @@ GENERATORS: dict[str, Callable[[random.Random, int], SynthProblem]] = {
     "count": _count,
     "read_number": _read_number,
     "compare": _compare,
+    "tally": _tally,
     "arith": _arith,
     "algebra": _algebra,
 }

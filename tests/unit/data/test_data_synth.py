@@ -118,3 +118,21 @@ def test_exclude_keeps_a_new_pool_off_another_sets_problems(tmp_path: Path) -> N
     assert code == 0
     new = keys(pool / "train.jsonl")
     assert len(new) == 150 and not new & taken
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_tally_answers_count_the_letter_in_the_question(difficulty: int) -> None:
+    rows = [
+        r
+        for r, _ in generate_rows(
+            40, seed=difficulty, categories=["tally"], difficulties=[difficulty]
+        )
+    ]
+    longest = {1: 6, 2: 10, 3: 16}[difficulty]
+    for row in rows:
+        letter = row["question"].split("the letter ")[1][0]
+        sequence = row["question"].split(": ")[1].rstrip("?").split(" ")
+        assert 1 <= len(sequence) <= longest
+        assert row["answer"] == str(sequence.count(letter)) != "0"
+        assert row["expert"].endswith(f"\\boxed{{{row['answer']}}}$ </answer>")
+        assert "images" not in row or not row["images"]
