@@ -24,8 +24,10 @@ COMPARED = ("kl", "entropy", "clip_frac", "grad_norm", "reward/mean")
 REL_TOL = 1e-4
 """fp32 summation order, grown over 4 Adam steps (Adam's first steps are ~sign(grad), which
 amplifies tiny differences of near-zero gradients)."""
-LOSS_ATOL = 1e-6
-"""The loss is near 0 (centred advantages): compared in absolute terms."""
+LOSS_ATOL = 1e-5
+"""The loss is near 0 (centred advantages, |loss| 2e-4 to 1e-2 here): compared in absolute
+terms. The same Adam drift as above: with the `tally` rows in the data the CP=2 run differs by
+4e-7 at step 1 and 3e-6 at step 4 (8e-8 before them)."""
 
 
 @pytest.fixture(scope="module")
