@@ -6,7 +6,10 @@
     metis pipeline RECIPE [--force] [section.key=value ...]
 
 Each stage writes into its folder (default under ``run.output_dir``), is skipped when its
-``DONE`` marker exists (``--force`` re-runs it) and resumes from its progress files otherwise.
+``DONE`` marker exists and its recorded inputs (``INPUTS.json``: config sections, data file
+contents, upstream stages) are the ones asked for, and resumes from its progress files
+otherwise. A stage with other inputs, or run with ``--force``, starts from scratch; its old
+folder is kept as ``<folder>.replaced-<k>``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ _HELP = {
 
 def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", default=None, help="stage folder (default under run.output_dir)")
-    parser.add_argument("--force", action="store_true", help="re-run even when done")
+    parser.add_argument(
+        "--force", action="store_true", help="redo from scratch (old folder kept as .replaced-K)"
+    )
     parser.add_argument("--device", default="cpu", help="device of the HF rollout engine")
     if command in ("triage", "eval"):
         parser.add_argument("--ckpt", default=None, help="HF checkpoint folder (required)")
@@ -64,7 +69,9 @@ def register(subparsers: Any) -> None:
     )
     pipeline.add_argument("recipe", help="pipeline recipe (examples/recipes/pipeline-*.yaml)")
     pipeline.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
-    pipeline.add_argument("--force", action="store_true", help="re-run stages that are done")
+    pipeline.add_argument(
+        "--force", action="store_true", help="redo every stage (old folders kept as .replaced-K)"
+    )
     pipeline.set_defaults(func=run_pipeline_cmd)
 
 

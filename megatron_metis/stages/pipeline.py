@@ -13,12 +13,15 @@ Layout under ``run.output_dir``::
 
 The pipeline's ``run.seed`` is every phase's ``run.seed`` (a tiny model's initialisation, data
 order) and, plus the round number, the RL rollout seed. A stage is skipped when its ``DONE``
-marker exists; a training phase killed mid-way resumes from its own latest checkpoint when the
-pipeline is rerun.
+marker exists and its recorded inputs (config, data files, upstream stages) are the ones asked
+for; a training phase killed mid-way resumes from its own latest checkpoint when the pipeline is
+rerun. Edit the recipe or regenerate the data and rerun: the stages whose inputs changed, and
+the ones after them, are redone (their old folders kept as ``<stage>.replaced-<k>``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +38,7 @@ from megatron_metis.stages.steps import (
     eval_step,
     expert_step,
     sft_mix_step,
+    stage_inputs,
     triage_step,
 )
 
@@ -77,7 +81,15 @@ def _phase_stage(name: str, phase: str, cfg: MetisConfig, *, force: bool) -> Pat
         final = train_phase(phase, cfg)
         return {"final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
 
-    run_stage(name, out, work, force=force)
+    # logging settings do not change what a phase trains
+    sections = [f.name for f in dataclasses.fields(cfg) if f.name != "logging"]
+    inputs = stage_inputs(
+        cfg,
+        sections,
+        files=[*cfg.data.train_files, *cfg.data.test_files],
+        upstream=[Path(cfg.model.hf_dir).parent],
+    )
+    run_stage(name, out, work, force=force, inputs=inputs)
     return out / "hf"
 
 

@@ -13,6 +13,9 @@ returns the stage summary. A pipeline round is::
     write_report({label: run / "eval" / label / EVAL_FILE, ...}, run / "report",
                  rl_metrics=[...], sft_metrics=[...])
 
+Each step records what its outputs depend on (``stage_inputs``): rerun with an edited recipe,
+regenerated data or a redone upstream stage, it is redone instead of skipped (see ``runner``).
+
 Scripts that call these need an ``if __name__ == "__main__":`` guard: the verifier's worker
 processes are started with forkserver/spawn.
 """
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_metis.config.loader import to_plain
 from megatron_metis.config.schema import MetisConfig
 from megatron_metis.data.check import load_problems
 from megatron_metis.data.schema import Problem
@@ -31,7 +35,7 @@ from megatron_metis.rollout.engine import SamplingParams
 from megatron_metis.stages.evaluation import dataset_names, evaluate
 from megatron_metis.stages.expert import build_expert_source, run_expert
 from megatron_metis.stages.requests import GenerationModel, load_generation_model
-from megatron_metis.stages.runner import run_stage
+from megatron_metis.stages.runner import file_digest, run_stage, stage_digest
 from megatron_metis.stages.sft_mix import build_sft_mix
 from megatron_metis.stages.triage import run_triage
 
@@ -40,6 +44,31 @@ EXPERT_PROMPTS_FILE = "expert_prompts.jsonl"
 EXPERT_FILE = "expert.jsonl"
 SFT_MIX_FILE = "sft.jsonl"
 EVAL_FILE = "eval.json"
+
+
+def stage_inputs(
+    cfg: MetisConfig,
+    sections: Sequence[str],
+    *,
+    files: Sequence[str | Path] = (),
+    upstream: Sequence[str | Path] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """What a stage's outputs depend on: the config sections it reads, the contents of its data
+    files and the digests of the stages it builds on (a checkpoint's stage is the folder that
+    holds ``hf/``; a folder that is no stage counts by its path only)."""
+    plain = to_plain(cfg)
+    return {
+        "config": {name: plain[name] for name in sections},
+        "files": {str(f): file_digest(f) for f in files},
+        "upstream": {str(u): stage_digest(u) for u in upstream},
+        **extra,
+    }
+
+
+def _checkpoint_stage(ckpt: str | Path) -> Path:
+    """The stage folder that exported the HF checkpoint ``ckpt`` (``<phase>/hf``)."""
+    return Path(ckpt).parent
 
 
 def _problems(files: Sequence[str | Path], cfg: MetisConfig, tokenizer: Any) -> list[Problem]:
@@ -75,7 +104,14 @@ def triage_step(
             )
         return {"ckpt": str(ckpt), "buckets": report["buckets"]}
 
-    return run_stage("triage", out_dir, work, force=force)
+    inputs = stage_inputs(
+        cfg,
+        ["triage", "rollout", "data", "rewards"],
+        files=files,
+        upstream=[_checkpoint_stage(ckpt)],
+        ckpt=ckpt,
+    )
+    return run_stage("triage", out_dir, work, force=force, inputs=inputs)
 
 
 def expert_step(
@@ -116,7 +152,13 @@ def expert_step(
             )
         return {"accepted": report["accepted"], "rejected": report["rejected"]}
 
-    return run_stage("expert", out_dir, work, force=force)
+    inputs = stage_inputs(
+        cfg,
+        ["expert", "rollout", "data", "rewards"],
+        upstream=[triage_dir],
+        seed=cfg.run.seed,
+    )
+    return run_stage("expert", out_dir, work, force=force, inputs=inputs)
 
 
 def sft_mix_step(
@@ -132,7 +174,15 @@ def sft_mix_step(
     def work(out: Path) -> dict[str, Any]:
         return build_sft_mix(self_files, expert_files, cfg.pipeline, out_file=out / SFT_MIX_FILE)
 
-    return run_stage("sft_mix", out_dir, work, force=force)
+    p = cfg.pipeline
+    inputs = stage_inputs(
+        cfg,
+        [],
+        upstream=sorted({Path(f).parent for f in [*self_files, *expert_files]}),
+        files=[*self_files, *expert_files],
+        mix={"expert_fraction": p.expert_fraction, "max": p.max_sft_samples, "seed": p.seed},
+    )
+    return run_stage("sft_mix", out_dir, work, force=force, inputs=inputs)
 
 
 def eval_step(
@@ -169,4 +219,13 @@ def eval_step(
         accs = {name: d["accuracy"] for name, d in result["datasets"].items()}
         return {"ckpt": str(ckpt), "label": label, "accuracy": accs, "average": result["average"]}
 
-    return run_stage(f"eval[{label or Path(ckpt).name}]", out_dir, work, force=force)
+    inputs = stage_inputs(
+        cfg,
+        ["eval", "rollout", "data", "rewards"],
+        files=files,
+        upstream=[_checkpoint_stage(ckpt)],
+        ckpt=ckpt,
+        label=label,
+    )
+    name = f"eval[{label or Path(ckpt).name}]"
+    return run_stage(name, out_dir, work, force=force, inputs=inputs)

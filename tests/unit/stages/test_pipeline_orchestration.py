@@ -131,3 +131,23 @@ def test_the_pipeline_seed_seeds_every_phase(recipe, monkeypatch):
     assert phases == ["sft", "rl", "sft", "rl", "sft"]
     assert [seed for seed, _ in fakes.seeds] == [7] * 5
     assert [fakes.seeds[1][1], fakes.seeds[3][1]] == [8, 9]  # RL rollouts: seed + round
+
+
+def test_an_edited_recipe_redoes_the_changed_phase_and_what_was_built_on_it(recipe, monkeypatch):
+    _install(monkeypatch, Fakes())
+    pipeline.run_metis_rise(load_config(recipe))
+
+    rerun = Fakes()
+    _install(monkeypatch, rerun)
+    pipeline.run_metis_rise(load_config(recipe))
+    assert [c for c in rerun.calls if c[0] == "train"] == []  # nothing changed: all skipped
+
+    edited = Fakes()
+    _install(monkeypatch, edited)
+    pipeline.run_metis_rise(load_config(recipe, ["pipeline.sft_overrides=[train.max_steps=7]"]))
+    trains = [(c[1], c[2]) for c in edited.calls if c[0] == "train"]
+    # warm-up and round-1 RL kept; round-1 SFT redone, and round 2's RL that started from it
+    assert trains == [("sft", "sft"), ("rl", "rl"), ("sft", "sft")]
+    run = Path(load_config(recipe).run.output_dir)
+    assert (run / "round1" / "sft.replaced-1" / "hf").is_dir()
+    assert not (run / "warmup.replaced-1").exists()
