@@ -209,7 +209,9 @@ def _is_stage_folder(stage_dir: Path) -> bool:
 
 def move_aside(stage_dir: str | Path) -> Path:
     """Rename ``stage_dir`` to the first free ``<name>.replaced-<k>``; returns the new path."""
-    stage_dir = Path(stage_dir).resolve()
+    stage_dir = Path(stage_dir)
+    if not stage_dir.name:  # "." or a path ending in ".."
+        stage_dir = stage_dir.resolve()
     k = 1
     while (target := stage_dir.with_name(f"{stage_dir.name}.replaced-{k}")).exists():
         k += 1
