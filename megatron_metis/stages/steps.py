@@ -66,9 +66,20 @@ def stage_inputs(
     }
 
 
-def _checkpoint_stage(ckpt: str | Path) -> Path:
-    """The stage folder that exported the HF checkpoint ``ckpt`` (``<phase>/hf``)."""
-    return Path(ckpt).parent
+def _sampling_inputs(
+    cfg: MetisConfig, section: str, ckpt: str | Path, files: Sequence[str | Path], **extra: Any
+) -> dict[str, Any]:
+    """Inputs of a stage that samples from the HF checkpoint ``ckpt`` (triage, eval): its own
+    section, the rollout/data/reward settings, its data files, and the stage that exported
+    ``ckpt`` (the ``<phase>`` folder of ``<phase>/hf``)."""
+    return stage_inputs(
+        cfg,
+        [section, "rollout", "data", "rewards"],
+        files=files,
+        upstream=[Path(ckpt).parent],
+        ckpt=ckpt,
+        **extra,
+    )
 
 
 def _problems(files: Sequence[str | Path], cfg: MetisConfig, tokenizer: Any) -> list[Problem]:
@@ -104,13 +115,7 @@ def triage_step(
             )
         return {"ckpt": str(ckpt), "buckets": report["buckets"]}
 
-    inputs = stage_inputs(
-        cfg,
-        ["triage", "rollout", "data", "rewards"],
-        files=files,
-        upstream=[_checkpoint_stage(ckpt)],
-        ckpt=ckpt,
-    )
+    inputs = _sampling_inputs(cfg, "triage", ckpt, files)
     return run_stage("triage", out_dir, work, force=force, inputs=inputs)
 
 
@@ -219,13 +224,6 @@ def eval_step(
         accs = {name: d["accuracy"] for name, d in result["datasets"].items()}
         return {"ckpt": str(ckpt), "label": label, "accuracy": accs, "average": result["average"]}
 
-    inputs = stage_inputs(
-        cfg,
-        ["eval", "rollout", "data", "rewards"],
-        files=files,
-        upstream=[_checkpoint_stage(ckpt)],
-        ckpt=ckpt,
-        label=label,
-    )
+    inputs = _sampling_inputs(cfg, "eval", ckpt, files, label=label)
     name = f"eval[{label or Path(ckpt).name}]"
     return run_stage(name, out_dir, work, force=force, inputs=inputs)
