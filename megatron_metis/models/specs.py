@@ -52,17 +52,19 @@ def gpt_layer_spec(use_te: bool, context_parallel: bool = False):
     """The Megatron-Core ``ModuleSpec`` of one Qwen2 decoder layer.
 
     Transformer Engine's attention implements context parallelism itself; the local spec gets
-    ``ContextParallelDotProductAttention`` (K/V all-gathered over the CP group) when CP > 1.
+    PyTorch's SDPA as core attention (``models.local_attention``), with the K/V all-gathered over
+    the CP group when CP > 1.
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    if context_parallel:
-        from megatron_metis.models.cp_attention import ContextParallelDotProductAttention
+    from megatron_metis.models import local_attention
 
-        spec.submodules.self_attention.submodules.core_attention = (
-            ContextParallelDotProductAttention
-        )
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = (
+        local_attention.ContextParallelSdpaAttention
+        if context_parallel
+        else local_attention.SdpaDotProductAttention
+    )
     return spec
