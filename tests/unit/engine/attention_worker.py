@@ -64,6 +64,7 @@ def compare_worker() -> dict:
     for name, mask in _masks().items():
         out[name] = {"megatron": _run(ref, q, k, v, mask, grad_out)}
         out[name]["sdpa"] = _run(sdpa, q, k, v, mask, grad_out)
+        out[name]["blind_rows"] = 0 if mask is None else int(mask.all(dim=-1).sum())
     try:
         SdpaDotProductAttention(
             _config(apply_query_key_layer_scaling=True, fp16=True, params_dtype=torch.float16),
