@@ -1,19 +1,33 @@
-# Fresh-machine entry points: `make test` and `make demo` create .venv and install what they need.
+# Fresh-machine entry points: `make test` and `make demo` create .venv and install it from the
+# lock files in requirements/ (exact pins of every package; `make lock` regenerates them).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+TOOLS_VENV := .venv-tools
+LATEST_VENV := .venv-latest
+LOCK_CPU := requirements/cpu.txt
+LOCK_GPU := requirements/gpu.txt
+LOCK_TOOLS := requirements/tools.txt
+CONSTRAINTS := requirements/constraints.txt
+# the GPU world: NGC PyTorch containers run Python 3.12 on x86-64 Linux
+GPU_PYTHON := 3.12
+GPU_PLATFORM := x86_64-manylinux_2_28
 PYTEST_ARGS ?=
 DEMO_CATEGORIES := compare,tally
 DEMO := runs/demo
 
-.PHONY: install test test-slow lint demo clean
+.PHONY: install test test-slow test-latest lint lock demo clean
 
-$(STAMP): setup.py constraints.txt pyproject.toml
+# A changed lock rebuilds the venv from scratch, so it never keeps a package the lock dropped.
+# Never install transformer-engine on a CPU box: even a partial install breaks `import megatron.core`.
+$(STAMP): $(LOCK_CPU) $(LOCK_TOOLS) setup.py pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip setuptools wheel
-	# never install transformer-engine on a CPU box: it breaks `import megatron.core`
-	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -r $(LOCK_TOOLS)
+	$(BIN)/python -m pip install -r $(LOCK_CPU)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +37,36 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+# The suite on the newest releases setup.py's ranges allow: tells about dependency drift before
+# users hit it. Not part of CI (it is not reproducible by design).
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q -U pip setuptools wheel
+	$(LATEST_VENV)/bin/python -m pip install -c $(CONSTRAINTS) -e '.[dev]'
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/resolved.txt
+	diff $(LOCK_CPU) $(LATEST_VENV)/resolved.txt --ignore-matching-lines='^ *#' | grep '^[<>]' || true
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Regenerate the locks from setup.py's ranges (+ requirements/constraints.txt):
+#   cpu.txt  - this machine's world (Python 3.11, torch's CPU wheel), by pip-compile
+#   gpu.txt  - the NGC/H100 world (Python 3.12, CUDA torch, vLLM, Transformer Engine), by uv,
+#              which resolves for another Python and platform than the one it runs on
+#   tools.txt - pip, setuptools, wheel and the lock tools themselves
+lock:
+	rm -rf $(TOOLS_VENV)
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q -r $(LOCK_TOOLS)
+	cd requirements && CUSTOM_COMPILE_COMMAND='make lock' ../$(TOOLS_VENV)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
+		--output-file=tools.txt tools.in
+	CUSTOM_COMPILE_COMMAND='make lock' $(TOOLS_VENV)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --extra dev \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
+		-c $(CONSTRAINTS) --output-file=$(LOCK_CPU) setup.py
+	$(TOOLS_VENV)/bin/uv pip compile -q --upgrade --no-emit-index-url --custom-compile-command 'make lock' \
+		--python-version $(GPU_PYTHON) --python-platform $(GPU_PLATFORM) --extra gpu --extra dev \
+		-c $(CONSTRAINTS) --output-file=$(LOCK_GPU) setup.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check megatron_metis kernels tools tests docker
@@ -35,4 +79,4 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/metis pipeline examples/recipes/pipeline-tiny-cpu.yaml
 
 clean:
-	rm -rf $(VENV) *.egg-info runs
+	rm -rf $(VENV) $(TOOLS_VENV) $(LATEST_VENV) *.egg-info runs

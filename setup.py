@@ -1,25 +1,30 @@
 """megatron_metis: a Megatron-Core trainer for the Metis-RISE recipe (RL, then targeted SFT).
 
-The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed
-as ``megatron_metis.kernels``: a PyPI package called ``kernels`` exists and transformers probes
-for it, so a top-level ``kernels`` package would shadow it.
+The Triton kernels live in the top-level ``kernels/`` folder of the repository, each in its own
+package, and are installed as ``megatron_metis.kernels.<name>``. That folder has no
+``__init__.py`` on purpose: PyPI's ``kernels`` package (which transformers imports) must win
+``import kernels`` even when the repository root is first on ``sys.path``.
+
+Installs are locked: requirements/cpu.txt and requirements/gpu.txt pin every package, generated
+from the ranges below by ``make lock``. The ranges stay ranges: other projects install this one
+as a library.
 """
 
 from setuptools import find_packages, setup
 
 _PACKAGES = find_packages(include=["megatron_metis", "megatron_metis.*"])
-_KERNEL_PACKAGES = ["megatron_metis.kernels"] + [
-    "megatron_metis.kernels." + name[len("kernels.") :]
-    for name in find_packages(include=["kernels.*"])
-]
+_KERNEL_DIRS = {
+    "megatron_metis.kernels." + name: "kernels/" + name.replace(".", "/")
+    for name in find_packages(where="kernels")
+}
 
 setup(
     name="megatron_metis",
     version="0.1.0",
     description="Metis-RISE (RL incentivizes, SFT enhances) for vision-language models on Megatron-Core",
     python_requires=">=3.11",
-    packages=_PACKAGES + _KERNEL_PACKAGES,
-    package_dir={"megatron_metis.kernels": "kernels"},
+    packages=_PACKAGES + list(_KERNEL_DIRS),
+    package_dir=_KERNEL_DIRS,
     package_data={"megatron_metis": ["assets/**/*"]},
     include_package_data=True,
     install_requires=[
