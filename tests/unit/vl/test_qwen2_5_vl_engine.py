@@ -248,5 +248,22 @@ def test_verify_conversion_tool(tiny):
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "image_text: max abs logit diff" in ok.stdout and "OK" in ok.stdout
-    strict = subprocess.run([*cmd, "--tolerance", "0"], capture_output=True, text=True, timeout=300)
-    assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def test_verify_conversion_tool_fails_a_checkpoint_with_a_corrupted_tensor(tiny, tmp_path):
+    """A NaN in one vision tensor spoils the image batch on both sides (the engine and
+    transformers read the same file), while the text-only batch stays finite: the verdict must be
+    FAIL, whichever batch is checked first."""
+    bad_dir = tmp_path / "corrupted"
+    shutil.copytree(tiny["dir"], bad_dir)
+    (weights_file,) = bad_dir.glob("*.safetensors")
+    tensors = load_file(weights_file)
+    name = next(k for k in sorted(tensors) if "visual" in k and "patch_embed" in k)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    cmd = [sys.executable, str(REPO / "tools" / "verify_conversion.py"), "--hf-dir", str(bad_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, (out.stdout, out.stderr[-2000:])
+    assert re.search(r"image_text: max abs logit diff nan", out.stdout), out.stdout
+    assert re.search(r"^text: max abs logit diff \d", out.stdout, re.M), out.stdout
+    assert "FAIL" in out.stdout and "OK" not in out.stdout
