@@ -1,4 +1,7 @@
-"""Shared inputs and checks for the fused logprob / GRPO loss tests (small odd shapes).
+"""Shared inputs and checks for the fused logprob tests (small odd shapes).
+
+The GRPO loss on top is ``algorithms.grpo_loss``, the trainer's one objective: its parity test
+runs it over the fused and over the reference log-probs (``grpo_objective``).
 
 Tolerances (fp32): values 1e-5 abs/rel, gradients 2e-5 abs + 1e-4 rel (measured errors are
 2e-6 and 8e-6). bf16 inputs: values 1e-4 abs (fp32 math on the same bf16 inputs); gradients
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from megatron_metis.kernels.fused_logprob import linear_logprob_ref
+
+from megatron_metis.algorithms import grpo_loss
+from megatron_metis.config.rl import GRPOConfig
 
 NUM_TOKENS, VOCAB, PAD, HIDDEN = 37, 1007, 9, 64
 SEQ_LENS = (10, 7, 12, 8)
@@ -74,6 +80,26 @@ def surrogate(case: Case, logprobs_T: torch.Tensor, entropy_T: torch.Tensor | No
     if entropy_T is not None:
         out = out + (entropy_T * case.grad_entropy_T).sum()
     return out
+
+
+def grpo_objective(
+    case: Case, logprobs_T: torch.Tensor, loss_agg: str, seq_ids_T: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``algorithms.grpo_loss`` (clip range [0.8, 1.28], no KL) of the case over ``logprobs_T``.
+
+    The global normalisers exceed this batch's counts (other micro-batches and ranks exist).
+    """
+    cfg = GRPOConfig(eps_low=0.2, eps_high=0.28, loss_agg=loss_agg)
+    return grpo_loss(
+        logprobs_T,
+        case.old_logprobs_T,
+        case.advantages_T,
+        case.mask_T,
+        cfg=cfg,
+        num_global_tokens=50.0,
+        num_global_seqs=6.0,
+        seq_ids=case.seq_ids_T if seq_ids_T is None else seq_ids_T,
+    )
 
 
 def assert_values_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from fused_logprob_cases import TEMPERATURE, VOCAB, make_case
-from megatron_metis.kernels.fused_logprob import (
-    fused_grpo_loss,
-    fused_linear_logprob,
-    grpo_loss_ref,
-    linear_logprob_ref,
-)
+from megatron_metis.kernels.fused_logprob import fused_linear_logprob, linear_logprob_ref
+
+from megatron_metis.algorithms import grpo_loss
+from megatron_metis.config.rl import GRPOConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -65,15 +63,18 @@ def test_small_fp32_matches_reference_on_gpu() -> None:
 
 
 def test_grpo_loss_bf16_on_gpu() -> None:
+    """``algorithms.grpo_loss`` over the Triton log-probs vs over the reference log-probs."""
     hidden_TH, weight_VH, targets_T, grads = _inputs(2048, 1024, 32768, torch.bfloat16)
     old_T = -8.0 + grads[0]
     adv_T, mask_T = grads[1], grads[0] > -1.0
     results = []
-    for fn, extra in ((grpo_loss_ref, {}), (fused_grpo_loss, {"impl": "triton"})):
+    for fn, extra in ((linear_logprob_ref, {}), (fused_linear_logprob, {"impl": "triton"})):
         h = hidden_TH.clone().requires_grad_()
         w = weight_VH.clone().requires_grad_()
-        out = fn(h, w, targets_T, old_T, adv_T, mask_T, num_global_tokens=2048.0, **extra)
-        loss = out[0] if isinstance(out, tuple) else out
+        logprobs_T, _ = fn(h, w, targets_T, **extra)
+        loss, _ = grpo_loss(
+            logprobs_T, old_T, adv_T, mask_T, cfg=GRPOConfig(), num_global_tokens=2048.0
+        )
         results.append((loss, *torch.autograd.grad(loss, (h, w))))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-3)
     _assert_rel(results[1][1], results[0][1], 2e-2)

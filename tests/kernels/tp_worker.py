@@ -2,7 +2,8 @@
 
 Each rank holds half of the padded vocabulary (1016 rows, 1007 valid: rank 1 holds 499 valid
 rows and 9 padding rows) and checks its results against the single-process full-vocabulary
-reference, with the tolerances of ``fused_logprob_cases.py``.
+reference, with the tolerances of ``fused_logprob_cases.py``: the log-probs, entropy and
+their gradients, and the trainer's GRPO objective (``algorithms.grpo_loss``) over them.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ from fused_logprob_cases import (
     VOCAB,
     assert_grads_close,
     assert_values_close,
+    grpo_objective,
     leaves,
     make_case,
     surrogate,
 )
-from megatron_metis.kernels.fused_logprob import (
-    fused_grpo_loss,
-    fused_linear_logprob,
-    grpo_loss_ref,
-    linear_logprob_ref,
-)
+from megatron_metis.kernels.fused_logprob import fused_linear_logprob, linear_logprob_ref
 
 
 def _check_logprob(impl: str, rank: int, reduce_grad_hidden: bool) -> None:
@@ -56,23 +53,20 @@ def _check_logprob(impl: str, rank: int, reduce_grad_hidden: bool) -> None:
 
 
 def _check_grpo(impl: str, rank: int) -> None:
+    """``algorithms.grpo_loss`` (seq_mean) over the TP=2 fused log-probs vs the full reference."""
     case = make_case()
     rows = case.weight_VH.shape[0] // 2
-    kwargs = dict(
-        loss_agg="seq_mean", num_global_seqs=4.0, temperature=TEMPERATURE, vocab_size=VOCAB
-    )
+    common = dict(temperature=TEMPERATURE, vocab_size=VOCAB)
     hidden_TH, weight_VH = leaves(case)
-    loss_ref = grpo_loss_ref(
-        hidden_TH, weight_VH, case.targets_T, case.old_logprobs_T, case.advantages_T,
-        case.mask_T, seq_ids_T=case.seq_ids_T, **kwargs,
-    )  # fmt: skip
+    logprobs_ref_T, _ = linear_logprob_ref(hidden_TH, weight_VH, case.targets_T, **common)
+    loss_ref, _ = grpo_objective(case, logprobs_ref_T, "seq_mean")
     grad_hidden_ref, grad_weight_ref = torch.autograd.grad(loss_ref, (hidden_TH, weight_VH))
     hidden_TH = case.hidden_TH.clone().requires_grad_()
     shard_VH = case.weight_VH[rank * rows : (rank + 1) * rows].clone().requires_grad_()
-    loss, _ = fused_grpo_loss(
-        hidden_TH, shard_VH, case.targets_T, case.old_logprobs_T, case.advantages_T, case.mask_T,
-        cu_seqlens=case.cu_seqlens, tp_group=dist.group.WORLD, impl=impl, **kwargs,
-    )  # fmt: skip
+    logprobs_T, _ = fused_linear_logprob(
+        hidden_TH, shard_VH, case.targets_T, tp_group=dist.group.WORLD, impl=impl, **common
+    )
+    loss, _ = grpo_objective(case, logprobs_T, "seq_mean")
     grad_hidden, grad_shard = torch.autograd.grad(loss, (hidden_TH, shard_VH))
     assert_values_close(loss, loss_ref, torch.float32)
     assert_grads_close(grad_hidden, grad_hidden_ref, torch.float32)

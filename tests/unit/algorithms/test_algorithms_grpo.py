@@ -48,6 +48,8 @@ ADVS = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
 PER_TOKEN = [-0.5, -1.1, -1.28, 0.8, 1.1, 1.5]
 # d loss / d logp = -rA where unclipped, 0 where the clipped branch is the minimum
 GRAD_PER_TOKEN = [-0.5, -1.1, 0.0, 0.0, 1.1, 1.5]
+# the clipped branch is the minimum: A > 0 and r > 1.28, A < 0 and r < 0.8
+CLIPPED = [False, False, True, True, False, False]
 
 
 def test_clipped_objective_both_signs_both_sides():
@@ -70,6 +72,25 @@ def test_clipped_objective_both_signs_both_sides():
     assert metrics["clip_frac_low"].item() == pytest.approx(1 / 6)
     assert metrics["ratio_max"].item() == pytest.approx(1.5, abs=1e-6)
     assert metrics["num_tokens"].item() == 6
+
+
+def test_clipped_objective_per_token_values():
+    """One valid token at a time (the others masked, num_global_tokens 1): the loss is that
+    token's own ``-min(rA, clip(r)A)`` and clip_frac says whether it clipped."""
+    old_T = torch.full((6,), -1.0)
+    logp_T = old_T + torch.log(torch.tensor(RATIOS))
+    for t in range(6):
+        loss, metrics = clipped_policy_loss(
+            logp_T,
+            old_T,
+            torch.tensor(ADVS),
+            torch.arange(6) == t,
+            eps_low=0.2,
+            eps_high=0.28,
+            num_global_tokens=1,
+        )
+        assert loss.item() == pytest.approx(PER_TOKEN[t], abs=1e-6)
+        assert metrics["clip_frac"].item() == float(CLIPPED[t])
 
 
 def test_padding_is_ignored_and_gets_no_gradient():
@@ -123,6 +144,43 @@ def test_token_mean_vs_seq_mean_with_padding(loss_agg, expected):
         for s in range(2)
     ]
     assert sum(p.item() for p in parts) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_all_masked_batch_gives_zero_loss_not_nan(loss_agg):
+    """Every token masked (e.g. all responses truncated under ``overlong=mask``): the global
+    counts are 0 and are clamped at 1, so the loss is 0 / 1 = 0 with a zero gradient."""
+    logp_T = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    mask_T = torch.zeros(3)
+    assert local_loss_normalisers(mask_T, torch.tensor([0, 0, 1])) == (0, 0)
+    loss, metrics = clipped_policy_loss(
+        logp_T,
+        torch.full((3,), -1.5),
+        torch.tensor([1.0, -1.0, 2.0]),
+        mask_T,
+        eps_low=0.2,
+        eps_high=0.28,
+        loss_agg=loss_agg,
+        num_global_tokens=0,
+        num_global_seqs=0,
+        seq_ids=torch.tensor([0, 0, 1]),
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert logp_T.grad.tolist() == [0.0, 0.0, 0.0]
+    assert metrics["num_tokens"].item() == 0.0 and metrics["clip_frac"].item() == 0.0
+
+
+def test_aggregate_needs_its_normaliser():
+    per_token_T, mask_T = torch.ones(4), torch.ones(4)
+    with pytest.raises(ValueError, match="num_global_tokens"):
+        aggregate(per_token_T, mask_T, loss_agg="token_mean")
+    with pytest.raises(ValueError, match="num_global_seqs"):
+        aggregate(per_token_T, mask_T, loss_agg="seq_mean", seq_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="seq_ids"):
+        aggregate(per_token_T, mask_T, loss_agg="seq_mean", num_global_seqs=1)
+    with pytest.raises(ValueError, match="loss_agg"):
+        aggregate(per_token_T, mask_T, loss_agg="sum", num_global_tokens=4)
 
 
 def test_seq_mean_on_a_packed_row_matches_padded():
