@@ -3,8 +3,10 @@
 Used by the tests and the benchmark only. Everything is computed in fp32 from the (possibly
 bf16) inputs; autograd gives the reference gradients. Full vocabulary only (no tensor
 parallelism): the parallel implementations are checked against it over the whole vocabulary.
+Losses on top (the GRPO objective is ``algorithms.grpo_loss``) are checked over these
+log-probs against the same loss over the fused ones.
 
-Legend: T tokens, H hidden size, V vocabulary rows of the weight (incl. padding), S sequences.
+Legend: T tokens, H hidden size, V vocabulary rows of the weight (incl. padding).
 """
 
 from __future__ import annotations
@@ -44,46 +46,3 @@ def linear_logprob_ref(
     if compute_entropy:
         entropy_T = -(logsoftmax_TV.exp() * logsoftmax_TV).sum(dim=-1)
     return logprobs_T, entropy_T
-
-
-def grpo_loss_ref(
-    hidden_TH: torch.Tensor,
-    weight_VH: torch.Tensor,
-    targets_T: torch.Tensor,
-    old_logprobs_T: torch.Tensor,
-    advantages_T: torch.Tensor,
-    mask_T: torch.Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    loss_agg: str = "token_mean",
-    seq_ids_T: torch.Tensor | None = None,
-    num_global_tokens: float | None = None,
-    num_global_seqs: float | None = None,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
-) -> torch.Tensor:
-    """PPO-clip (clip-higher) GRPO loss, written the obvious way.
-
-    ``ratio = exp(logp - old)``, ``per_token = -min(ratio * A, clip(ratio, 1-lo, 1+hi) * A)``.
-    token_mean: ``sum(per_token * mask) / num_global_tokens``; seq_mean: the sum over sequences
-    of each sequence's mean over its valid tokens, divided by ``num_global_seqs``.
-    """
-    logprobs_T, _ = linear_logprob_ref(
-        hidden_TH, weight_VH, targets_T, temperature=temperature, vocab_size=vocab_size
-    )
-    ratio_T = torch.exp(logprobs_T - old_logprobs_T.float())
-    adv_T = advantages_T.float()
-    clipped_T = torch.clamp(ratio_T, 1.0 - clip_low, 1.0 + clip_high)
-    per_token_T = -torch.min(ratio_T * adv_T, clipped_T * adv_T)
-    mask_T = mask_T.float()
-    if loss_agg == "token_mean":
-        return (per_token_T * mask_T).sum() / num_global_tokens
-    if loss_agg != "seq_mean":
-        raise ValueError(f"unknown loss_agg {loss_agg!r}")
-    total = per_token_T.new_zeros(())
-    for seq in torch.unique(seq_ids_T).tolist():
-        in_seq_T = (seq_ids_T == seq).float() * mask_T
-        if in_seq_T.sum() > 0:
-            total = total + (per_token_T * in_seq_T).sum() / in_seq_T.sum()
-    return total / num_global_seqs

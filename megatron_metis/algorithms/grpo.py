@@ -13,8 +13,10 @@ Normalisation is global: the loss of a micro-batch is a *partial sum* divided by
 the caller counts over all micro-batches and data-parallel ranks of the batch
 (``num_global_tokens`` for token_mean, ``num_global_seqs`` for seq_mean; see
 ``local_loss_normalisers``). Summing the micro-batch losses (and the DP ranks' gradients)
-gives exactly the loss of the whole batch, whatever the micro-batch split. The per-token math
-is the same as ``megatron_metis.kernels.fused_logprob.fused_grpo_loss`` (parity-tested).
+gives exactly the loss of the whole batch, whatever the micro-batch split. This is the one
+GRPO objective: the trainer applies it to log-probs from the logits or from the fused kernel
+(``megatron_metis.kernels.fused_logprob.fused_linear_logprob``, which holds no loss); the
+kernel tests run it over the fused and the reference log-probs (values and gradients).
 
 Per-token tensors may be flat ``[T]`` (packed sequences; ``seq_ids_T`` says which sequence
 each token belongs to) or padded ``[S, T]`` (one row per sequence; ``seq_ids`` not needed).

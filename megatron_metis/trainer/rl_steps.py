@@ -289,10 +289,11 @@ def grpo_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, floa
     The loss function receives the last stage's output, logits or (``train.logprob_impl=fused``)
     hidden states, and ``engine.logprobs`` turns either into per-token log-probs: with
     ``fused`` the kernel computes them from the hidden states and the output weight shard,
-    and its backward gives the gradients of both without the logits. The clipped objective
-    on top is ``algorithms.grpo_loss`` in both modes: ``[T]``-sized ops, the same math as the
-    kernel package's ``fused_grpo_loss`` (parity-tested in ``tests/unit/algorithms``), plus the
-    KL term and metrics the trainer reports.
+    and its backward gives the gradients of both without the logits. The objective on top
+    is ``algorithms.grpo_loss`` in both modes, the one GRPO objective: ``[T]``-sized ops (its
+    gradient over the fused and over the reference log-probs is parity-tested in
+    ``tests/kernels`` and ``tests/unit/algorithms``), with the KL term and the metrics the
+    trainer reports.
     """
     temperature = temperature_of(cfg)
 
