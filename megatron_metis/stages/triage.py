@@ -29,10 +29,11 @@ from typing import Any, Literal
 
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import TriageConfig
+from megatron_metis.data.io import ProgressLog
 from megatron_metis.data.schema import Problem
 from megatron_metis.rollout.engine import SamplingParams
 from megatron_metis.stages.requests import GenerationModel
-from megatron_metis.stages.runner import ProgressLog, atomic_write_json, atomic_write_jsonl
+from megatron_metis.stages.runner import atomic_write_json, atomic_write_jsonl
 from megatron_metis.stages.runner import atomic_write_text as write_text
 from megatron_metis.stages.sampling import (
     ScoredSample,

@@ -13,11 +13,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megatron_metis.cli.main import main
 from megatron_metis.config import ConfigError, load_config
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.data.schema import Problem
 from megatron_metis.data.synth import write_synthetic_dataset
 from megatron_metis.data.vl_inputs import build_vl_processor
 from megatron_metis.stages.requests import build_requests
-from megatron_metis.stages.runner import read_jsonl
 
 
 def test_stage_sections_load_and_validate():

@@ -11,15 +11,10 @@ from stage_helpers import TRUNCATED, StubEngine, problem, solved
 
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import EvalConfig, PipelineConfig
+from megatron_metis.data.io import ProgressLog, read_jsonl
 from megatron_metis.stages.evaluation import dataset_names, evaluate, pass_at_k
 from megatron_metis.stages.report import ACCURACY_KEYS, LOSS_KEYS, metric_series, write_report
-from megatron_metis.stages.runner import (
-    ProgressLog,
-    atomic_write_text,
-    is_done,
-    read_jsonl,
-    run_stage,
-)
+from megatron_metis.stages.runner import atomic_write_text, is_done, run_stage
 from megatron_metis.stages.sft_mix import build_sft_mix, mix_counts, mix_sft_rows
 
 

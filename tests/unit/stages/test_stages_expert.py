@@ -10,6 +10,7 @@ from stage_helpers import StubEngine, problem, solved
 from megatron_metis.config.data import DataConfig
 from megatron_metis.config.stages import ExpertConfig
 from megatron_metis.data.check import load_problems
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.data.synth import write_synthetic_dataset
 from megatron_metis.rewards.accuracy import accuracy_reward
 from megatron_metis.rewards.extract import format_reward
@@ -22,7 +23,6 @@ from megatron_metis.stages.expert import (
     normalize_trajectory,
     run_expert,
 )
-from megatron_metis.stages.runner import read_jsonl
 
 
 @pytest.mark.parametrize(

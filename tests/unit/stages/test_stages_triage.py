@@ -12,8 +12,8 @@ from megatron_metis.config.data import DataConfig
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import TriageConfig
 from megatron_metis.data.check import load_problems
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.rewards.accuracy import accuracy_reward
-from megatron_metis.stages.runner import read_jsonl
 from megatron_metis.stages.sampling import ScoredSample
 from megatron_metis.stages.triage import bucket_of, run_triage, select_self_distill
 
