@@ -6,9 +6,9 @@ Both receive the policy's weights as a stream of (HF name, full tensor) pairs pr
 the Megatron shards (``checkpoint.hf_convert.export_hf_weights``), through
 ``weight_sync.stream_weights``.
 
-Log-probabilities: ``Completion.logprobs[i]`` is ``log softmax(logits / temperature)`` of the
-i-th generated token (temperature 0: temperature 1), i.e. what the trainer recomputes; top-p
-truncation is not part of it.
+Log-probabilities: ``Completion.logprobs[i]`` is ``log softmax(logits / T)`` of the i-th
+generated token, ``T = logprob_temperature(temperature)``, i.e. what the trainer recomputes;
+top-p truncation is not part of it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ import torch
 from megatron_metis.config.rl import RolloutConfig
 
 FinishReason = Literal["stop", "length"]
+
+
+def logprob_temperature(temperature: float) -> float:
+    """The temperature log-probs of sampled tokens are computed at (engine and trainer alike):
+    the sampling temperature, or 1 for greedy decoding (temperature 0)."""
+    return temperature if temperature > 0 else 1.0
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from megatron_metis.config import MetisConfig
 from megatron_metis.data import Problem
 from megatron_metis.models.forward import Microbatch, gather_positions, run_pipeline
 from megatron_metis.rewards import RewardScorer
-from megatron_metis.rollout import Completion, RolloutEngine, SamplingParams
+from megatron_metis.rollout import Completion, RolloutEngine, SamplingParams, logprob_temperature
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
 from megatron_metis.trainer.engine import LossFn, TrainEngine
 from megatron_metis.trainer.rollout_io import RequestCache
@@ -61,7 +61,8 @@ class RolloutBatch:
 
 
 def temperature_of(cfg: MetisConfig) -> float:
-    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    """Temperature of the trainer's log-probs: the rollout engine's (``logprob_temperature``)."""
+    return logprob_temperature(cfg.rollout.temperature)
 
 
 def generate_and_score(
