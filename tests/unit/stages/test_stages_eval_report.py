@@ -52,7 +52,6 @@ def test_greedy_accuracy_per_dataset_and_category(tmp_path, make_model, scorer):
         scorer,
         EvalConfig(),
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
         label="rl",
     )
@@ -77,7 +76,6 @@ def test_sampled_pass_at_k(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     assert all(p.n == 4 and p.temperature == 0.8 for _, p in engine.calls)
@@ -105,7 +103,6 @@ def test_truncated_share_is_reported(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     a = res["datasets"]["setA"]
@@ -127,7 +124,6 @@ def test_eval_resumes_per_dataset(tmp_path, make_model, scorer):
             scorer,
             cfg,
             rollout=RolloutConfig(),
-            system_prompt="S",
             out_dir=tmp_path,
         )
     again = StubEngine(_script())
@@ -137,7 +133,6 @@ def test_eval_resumes_per_dataset(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     assert again.requested_ids == ["b1"]

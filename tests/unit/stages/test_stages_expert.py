@@ -125,7 +125,7 @@ def test_local_source_through_a_rollout_engine(tmp_path, make_model, scorer):
             "d": ["<think>x=3</think><answer>3</answer>"],
         }
     )
-    source = LocalModelExpert(make_model(engine), SamplingParams(n=2), system_prompt="S")
+    source = LocalModelExpert(make_model(engine), SamplingParams(n=2))
     report = run_expert(_problems(), source, scorer, keep_per_prompt=2, out_dir=tmp_path)
     assert engine.calls[0][1].n == 2
     ids = [r["id"] for r in read_jsonl(tmp_path / "expert.jsonl")]
