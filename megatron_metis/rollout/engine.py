@@ -19,8 +19,6 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from megatron_metis.config.rl import RolloutConfig
-
 FinishReason = Literal["stop", "length"]
 
 
@@ -32,7 +30,8 @@ def logprob_temperature(temperature: float) -> float:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample; ``n`` responses per request (a GRPO group)."""
+    """How to sample; ``n`` responses per request (a GRPO group). Built from the config by
+    ``rollout.client.sampling_params``."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -41,16 +40,6 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     """Overrides the engine's seed for this call."""
-
-    @classmethod
-    def from_config(cls, cfg: RolloutConfig, *, n: int = 1) -> SamplingParams:
-        return cls(
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            stop=tuple(cfg.stop),
-            n=n,
-        )
 
 
 @dataclass(frozen=True)
