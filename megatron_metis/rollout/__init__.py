@@ -11,6 +11,7 @@ from megatron_metis.rollout.engine import (
     RolloutRequest,
     SamplingParams,
     TensorChecksum,
+    logprob_temperature,
     tensor_checksum,
 )
 from megatron_metis.rollout.factory import build_rollout_engine
@@ -33,6 +34,7 @@ __all__ = [
     "build_rollout_engine",
     "check_logprobs",
     "iter_buckets",
+    "logprob_temperature",
     "stream_weights",
     "tensor_checksum",
 ]

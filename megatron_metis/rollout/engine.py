@@ -6,9 +6,9 @@ Both receive the policy's weights as a stream of (HF name, full tensor) pairs pr
 the Megatron shards (``checkpoint.hf_convert.export_hf_weights``), through
 ``weight_sync.stream_weights``.
 
-Log-probabilities: ``Completion.logprobs[i]`` is ``log softmax(logits / temperature)`` of the
-i-th generated token (temperature 0: temperature 1), i.e. what the trainer recomputes; top-p
-truncation is not part of it.
+Log-probabilities: ``Completion.logprobs[i]`` is ``log softmax(logits / T)`` of the i-th
+generated token, ``T = logprob_temperature(temperature)``, i.e. what the trainer recomputes;
+top-p truncation is not part of it.
 """
 
 from __future__ import annotations
@@ -19,14 +19,19 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from megatron_metis.config.rl import RolloutConfig
-
 FinishReason = Literal["stop", "length"]
+
+
+def logprob_temperature(temperature: float) -> float:
+    """The temperature log-probs of sampled tokens are computed at (engine and trainer alike):
+    the sampling temperature, or 1 for greedy decoding (temperature 0)."""
+    return temperature if temperature > 0 else 1.0
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample; ``n`` responses per request (a GRPO group)."""
+    """How to sample; ``n`` responses per request (a GRPO group). Built from the config by
+    ``rollout.client.sampling_params``."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -35,16 +40,6 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     """Overrides the engine's seed for this call."""
-
-    @classmethod
-    def from_config(cls, cfg: RolloutConfig, *, n: int = 1) -> SamplingParams:
-        return cls(
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            stop=tuple(cfg.stop),
-            n=n,
-        )
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from megatron_metis.rollout.engine import (
     RolloutRequest,
     SamplingParams,
     TensorChecksum,
+    logprob_temperature,
     tensor_checksum,
 )
 
@@ -202,7 +203,7 @@ class HFRolloutEngine:
             **self._mm_kwargs(reqs, input_ids_BL),
         )[:, input_ids_BL.shape[1] :]
         trimmed = [self._trim(row.tolist(), params) for row in new_BL.cpu()]
-        temperature = params.temperature if params.temperature > 0 else 1.0
+        temperature = logprob_temperature(params.temperature)
         logprobs = self._score_batch(prompts, [t for t, _ in trimmed], reqs, temperature)
         return [
             Completion(

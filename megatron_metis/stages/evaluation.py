@@ -27,15 +27,10 @@ from typing import Any
 
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import EvalConfig
+from megatron_metis.data.io import ProgressLog
 from megatron_metis.data.schema import Problem
-from megatron_metis.rollout.engine import SamplingParams
-from megatron_metis.stages.requests import GenerationModel
-from megatron_metis.stages.runner import (
-    ProgressLog,
-    atomic_write_json,
-    atomic_write_text,
-)
-from megatron_metis.stages.sampling import ScoredSample, Scorer, sample_and_score
+from megatron_metis.rollout.client import RolloutClient, ScoredSample, Scorer, sampling_params
+from megatron_metis.stages.runner import atomic_write_json, atomic_write_text
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -45,44 +40,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def eval_sampling(cfg: EvalConfig, rollout: RolloutConfig) -> SamplingParams:
-    """Greedy (n = 1, temperature 0) or sampled (n = num_samples) parameters."""
-    greedy = cfg.mode == "greedy"
-    return SamplingParams(
-        temperature=0.0 if greedy else cfg.temperature,
-        top_p=1.0 if greedy else cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens or rollout.max_new_tokens,
-        stop=tuple(rollout.stop),
-        n=1 if greedy else cfg.num_samples,
-        seed=cfg.seed,
-    )
-
-
-def score_problems(
-    problems: Sequence[Problem],
-    model: GenerationModel,
-    scorer: Scorer,
-    params: SamplingParams,
-    *,
-    system_prompt: str,
-    progress: ProgressLog,
-    prompts_per_batch: int,
-) -> list[list[ScoredSample]]:
-    """Samples of every problem (those in ``progress`` are reused), in problem order."""
-    done = progress.load()
-    todo = [p for p in problems if p.id not in done]
-    for start in range(0, len(todo), prompts_per_batch):
-        chunk = todo[start : start + prompts_per_batch]
-        groups = sample_and_score(model, chunk, params, scorer, system_prompt=system_prompt)
-        rows = [
-            {"id": p.id, "category": p.category, "samples": [s.to_json() for s in g]}
-            for p, g in zip(chunk, groups, strict=True)
-        ]
-        progress.append(rows)
-        done.update({r["id"]: r for r in rows})
-    return [[ScoredSample.from_json(s) for s in done[p.id]["samples"]] for p in problems]
 
 
 def aggregate(
@@ -117,12 +74,11 @@ def aggregate(
 
 def evaluate(
     datasets: Mapping[str, Sequence[Problem]],
-    model: GenerationModel,
+    client: RolloutClient,
     scorer: Scorer,
     cfg: EvalConfig,
     *,
     rollout: RolloutConfig,
-    system_prompt: str,
     out_dir: str | Path,
     label: str = "",
     files: Mapping[str, str] | None = None,
@@ -135,7 +91,7 @@ def evaluate(
         files: dataset name -> file, recorded in the report.
     """
     out = Path(out_dir)
-    params = eval_sampling(cfg, rollout)
+    params = sampling_params(rollout, cfg)
     pass_k = [1] if cfg.mode == "greedy" else list(cfg.pass_k)
     result: dict[str, Any] = {
         "label": label,
@@ -145,12 +101,10 @@ def evaluate(
         "datasets": {},
     }
     for name, problems in datasets.items():
-        samples = score_problems(
+        samples = client.score_problems(
             problems,
-            model,
-            scorer,
             params,
-            system_prompt=system_prompt,
+            scorer,
             progress=ProgressLog(out / "predictions" / f"{name}.jsonl"),
             prompts_per_batch=cfg.prompts_per_batch,
         )

@@ -31,11 +31,10 @@ from megatron_metis.config.stages import ExpertConfig
 from megatron_metis.data.messages import question_text
 from megatron_metis.data.schema import Problem
 from megatron_metis.rewards.extract import answer_span, format_reward, last_boxed
+from megatron_metis.rollout.client import RolloutClient, Scorer, strip_end_of_turn
 from megatron_metis.rollout.engine import SamplingParams
 from megatron_metis.stages.openai_client import OpenAIChatClient, RequestRejected
-from megatron_metis.stages.requests import GenerationModel, build_requests
 from megatron_metis.stages.runner import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from megatron_metis.stages.sampling import Scorer, strip_end_of_turn
 from megatron_metis.stages.triage import sft_row
 
 logger = logging.getLogger(__name__)
@@ -104,26 +103,19 @@ class SolverExpert:
 
 
 class LocalModelExpert:
-    """``params.n`` samples per problem from a local model through the rollout engine."""
+    """``params.n`` samples per problem from a local model through its ``RolloutClient``."""
 
     name = "local"
 
-    def __init__(self, model: GenerationModel, params: SamplingParams, *, system_prompt: str):
-        self.model = model
+    def __init__(self, client: RolloutClient, params: SamplingParams):
+        self.client = client
         self.params = params
-        self.system_prompt = system_prompt
 
     def propose(self, problems: Sequence[Problem]) -> Proposals:
         if not problems:
             return Proposals()
-        requests = build_requests(
-            problems,
-            self.model.tokenizer,
-            system_prompt=self.system_prompt,
-            processor=self.model.processor,
-        )
         out = Proposals(candidates={p.id: [] for p in problems})
-        for c in self.model.engine.generate(requests, self.params):
+        for c in self.client.generate(problems, self.params):
             out.candidates[problems[c.request_index].id].append(strip_end_of_turn(c.text))
         return out
 
@@ -185,7 +177,7 @@ def build_expert_source(
     *,
     system_prompt: str,
     cache_dir: Path,
-    local_model: GenerationModel | None = None,
+    local_model: RolloutClient | None = None,
     local_params: SamplingParams | None = None,
 ) -> ExpertSource:
     """The source chosen by ``cfg.source`` (``local`` needs the loaded model and its params)."""
@@ -199,7 +191,7 @@ def build_expert_source(
     if cfg.source == "local":
         if local_model is None or local_params is None:
             raise ValueError("expert.source=local needs the loaded local model and its params")
-        return LocalModelExpert(local_model, local_params, system_prompt=system_prompt)
+        return LocalModelExpert(local_model, local_params)
     raise ValueError(f"unknown expert source {cfg.source!r}")
 
 

@@ -20,12 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_metis.stages.runner import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    read_jsonl,
-)
+from megatron_metis.data.io import read_jsonl
+from megatron_metis.stages.runner import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 STEP_KEYS = ("step", "iteration", "global_step")
 ACCURACY_KEYS = (

@@ -1,4 +1,5 @@
-"""Resumable stages: atomic writes, append-only progress files, and a skip-when-done runner.
+"""Resumable stages: atomic writes and a skip-when-done runner (the append-only progress log
+of sampled problems is ``data.io.ProgressLog``).
 
 A stage owns one folder. It is done when ``<folder>/DONE`` exists; that marker is written last,
 atomically, after every output, so a stage killed at any point is either done or re-run (and a
@@ -20,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,65 +75,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a last line cut short by a crash is ignored (logged)."""
-    return list(iter_jsonl(path))
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Iterate the rows of a JSONL file (see ``read_jsonl``)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                logger.warning("%s: ignoring a truncated last line", path)
-                return
-            raise
-
-
-class ProgressLog:
-    """Append-only JSONL of finished work items, keyed by ``key``: the resume point of a stage.
-
-    Each ``append`` writes whole lines and flushes them to disk; a crash can at worst cut the
-    last line, which ``load`` ignores (and ``truncate_partial`` removes before appending).
-    """
-
-    def __init__(self, path: str | Path, *, key: str = "id") -> None:
-        self.path = Path(path)
-        self.key = key
-
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Finished items by key (a later line for the same key wins)."""
-        return {str(row[self.key]): row for row in iter_jsonl(self.path)}
-
-    def truncate_partial(self) -> None:
-        """Drop a last line cut short by a crash, so appends start on a fresh line."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with self.path.open("r+b") as f:
-                f.truncate(cut)
-
-    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Append ``rows`` and fsync."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.truncate_partial()
-        text = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def is_done(stage_dir: str | Path) -> bool:

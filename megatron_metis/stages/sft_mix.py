@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_metis.config.stages import PipelineConfig
-from megatron_metis.stages.runner import atomic_write_jsonl, read_jsonl
+from megatron_metis.data.io import read_jsonl
+from megatron_metis.stages.runner import atomic_write_jsonl
 
 Row = dict[str, Any]
 

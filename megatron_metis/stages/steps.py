@@ -31,10 +31,10 @@ from megatron_metis.config.schema import MetisConfig
 from megatron_metis.data.check import load_problems
 from megatron_metis.data.schema import Problem
 from megatron_metis.rewards.scorer import RewardScorer
+from megatron_metis.rollout.client import RolloutClient, load_client, sampling_params
 from megatron_metis.rollout.engine import SamplingParams
 from megatron_metis.stages.evaluation import dataset_names, evaluate
 from megatron_metis.stages.expert import build_expert_source, run_expert
-from megatron_metis.stages.requests import GenerationModel, load_generation_model
 from megatron_metis.stages.runner import file_digest, run_stage, stage_digest
 from megatron_metis.stages.sft_mix import build_sft_mix
 from megatron_metis.stages.triage import run_triage
@@ -101,17 +101,11 @@ def triage_step(
         raise ValueError("triage needs prompts: set triage.data_files or data.train_files")
 
     def work(out: Path) -> dict[str, Any]:
-        model = load_generation_model(ckpt, cfg.rollout, cfg.data, device=device)
-        problems = _problems(files, cfg, model.tokenizer)
+        client = load_client(ckpt, cfg.rollout, cfg.data, device=device)
+        problems = _problems(files, cfg, client.tokenizer)
         with RewardScorer(cfg.rewards) as scorer:
             report = run_triage(
-                problems,
-                model,
-                scorer,
-                cfg.triage,
-                rollout=cfg.rollout,
-                system_prompt=cfg.data.system_prompt,
-                out_dir=out,
+                problems, client, scorer, cfg.triage, rollout=cfg.rollout, out_dir=out
             )
         return {"ckpt": str(ckpt), "buckets": report["buckets"]}
 
@@ -131,19 +125,11 @@ def expert_step(
 
     def work(out: Path) -> dict[str, Any]:
         problems = _problems([Path(triage_dir) / EXPERT_PROMPTS_FILE], cfg, None)
-        local: GenerationModel | None = None
+        local: RolloutClient | None = None
         params: SamplingParams | None = None
         if cfg.expert.source == "local":
-            local = load_generation_model(
-                cfg.expert.local_hf_dir, cfg.rollout, cfg.data, device=device
-            )
-            params = SamplingParams(
-                temperature=cfg.expert.temperature,
-                max_new_tokens=cfg.expert.max_tokens,
-                stop=tuple(cfg.rollout.stop),
-                n=cfg.expert.num_samples,
-                seed=cfg.run.seed,
-            )
+            local = load_client(cfg.expert.local_hf_dir, cfg.rollout, cfg.data, device=device)
+            params = sampling_params(cfg.rollout, cfg.expert, seed=cfg.run.seed)
         source = build_expert_source(
             cfg.expert,
             system_prompt=cfg.data.system_prompt,
@@ -207,16 +193,15 @@ def eval_step(
     names = dataset_names(files)
 
     def work(out: Path) -> dict[str, Any]:
-        model = load_generation_model(ckpt, cfg.rollout, cfg.data, device=device)
-        datasets = {name: _problems([f], cfg, model.tokenizer) for name, f in names.items()}
+        client = load_client(ckpt, cfg.rollout, cfg.data, device=device)
+        datasets = {name: _problems([f], cfg, client.tokenizer) for name, f in names.items()}
         with RewardScorer(cfg.rewards) as scorer:
             result = evaluate(
                 datasets,
-                model,
+                client,
                 scorer,
                 cfg.eval,
                 rollout=cfg.rollout,
-                system_prompt=cfg.data.system_prompt,
                 out_dir=out,
                 label=label,
                 files=names,

@@ -18,8 +18,7 @@ Files in the stage folder:
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -29,19 +28,11 @@ from typing import Any, Literal
 
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import TriageConfig
+from megatron_metis.data.io import ProgressLog
 from megatron_metis.data.schema import Problem
-from megatron_metis.rollout.engine import SamplingParams
-from megatron_metis.stages.requests import GenerationModel
-from megatron_metis.stages.runner import ProgressLog, atomic_write_json, atomic_write_jsonl
+from megatron_metis.rollout.client import RolloutClient, ScoredSample, Scorer, sampling_params
+from megatron_metis.stages.runner import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from megatron_metis.stages.runner import atomic_write_text as write_text
-from megatron_metis.stages.sampling import (
-    ScoredSample,
-    Scorer,
-    problem_to_row,
-    sample_and_score,
-)
-
-logger = logging.getLogger(__name__)
 
 Bucket = Literal["mastered", "self_distill", "expert"]
 BUCKETS: tuple[Bucket, ...] = ("mastered", "self_distill", "expert")
@@ -82,18 +73,6 @@ def select_self_distill(
     raise ValueError(f"unknown keep rule {keep!r}")
 
 
-def triage_sampling(cfg: TriageConfig, rollout: RolloutConfig) -> SamplingParams:
-    """Sampling parameters of triage (stop strings from the rollout section)."""
-    return SamplingParams(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens or rollout.max_new_tokens,
-        stop=tuple(rollout.stop),
-        n=cfg.num_samples,
-        seed=cfg.seed,
-    )
-
-
 @dataclass(frozen=True)
 class TriageRecord:
     """One prompt's triage outcome."""
@@ -131,46 +110,38 @@ class TriageRecord:
         }
 
 
-def sample_triage(
-    problems: Sequence[Problem],
-    model: GenerationModel,
-    scorer: Scorer,
-    params: SamplingParams,
-    *,
-    system_prompt: str,
-    progress: ProgressLog,
-    prompts_per_batch: int,
-) -> list[TriageRecord]:
-    """Sample and score every prompt not yet in ``progress`` (batch by batch, saving each),
-    then return the records of all ``problems`` in order."""
-    done = progress.load()
-    todo = [(i, p) for i, p in enumerate(problems) if p.id not in done]
-    if done:
-        logger.info(
-            "triage: %d of %d prompts done already", len(problems) - len(todo), len(problems)
-        )
-    for start in range(0, len(todo), prompts_per_batch):
-        chunk = todo[start : start + prompts_per_batch]
-        seed = (params.seed or 0) + chunk[0][0]
-        batch_params = dataclasses.replace(params, seed=seed)
-        groups = sample_and_score(
-            model, [p for _, p in chunk], batch_params, scorer, system_prompt=system_prompt
-        )
-        rows = [
-            {"id": p.id, "samples": [s.to_json() for s in group]}
-            for (_, p), group in zip(chunk, groups, strict=True)
-        ]
-        progress.append(rows)
-        done.update({row["id"]: row for row in rows})
-        logger.info(
-            "triage: %d / %d prompts", len(problems) - len(todo) + start + len(chunk), len(problems)
-        )
-    return [
-        TriageRecord(
-            problem=p, samples=tuple(ScoredSample.from_json(s) for s in done[p.id]["samples"])
-        )
-        for p in problems
-    ]
+def problem_to_row(problem: Problem, *, out_file: str | Path) -> dict[str, Any]:
+    """The dataset row of ``problem`` for a JSONL file at ``out_file``.
+
+    Image paths are written relative to ``out_file``'s folder; embedded images (bytes) are
+    saved as ``images/<id>_<k>.png`` beside it.
+    """
+    base = Path(out_file).resolve().parent
+    images = []
+    for k, src in enumerate(problem.images):
+        if isinstance(src, bytes):
+            path = base / "images" / f"{_safe(problem.id)}_{k}.png"
+            if not path.exists():
+                atomic_write_bytes(path, src)
+            src = str(path)
+        images.append(os.path.relpath(Path(src).resolve(), base))
+    row: dict[str, Any] = {"id": problem.id, "question": problem.question, "answer": problem.answer}
+    if images:
+        row["images"] = images
+    if problem.choices:
+        row["choices"] = list(problem.choices)
+    row["source"] = problem.source
+    row["category"] = problem.category
+    if problem.difficulty is not None:
+        row["difficulty"] = problem.difficulty
+    if problem.expert is not None:
+        row["expert"] = problem.expert
+    row.update({k: v for k, v in problem.extra.items() if k not in row})
+    return row
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def sft_row(
@@ -279,12 +250,11 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 def run_triage(
     problems: Sequence[Problem],
-    model: GenerationModel,
+    client: RolloutClient,
     scorer: Scorer,
     cfg: TriageConfig,
     *,
     rollout: RolloutConfig,
-    system_prompt: str,
     out_dir: str | Path,
 ) -> dict[str, Any]:
     """The whole triage stage into ``out_dir`` (resumable from ``samples.jsonl``).
@@ -294,15 +264,16 @@ def run_triage(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = sample_triage(
+    samples = client.score_problems(
         problems,
-        model,
+        sampling_params(rollout, cfg),
         scorer,
-        triage_sampling(cfg, rollout),
-        system_prompt=system_prompt,
         progress=ProgressLog(out / "samples.jsonl"),
         prompts_per_batch=cfg.prompts_per_batch,
     )
+    records = [
+        TriageRecord(problem=p, samples=tuple(s)) for p, s in zip(problems, samples, strict=True)
+    ]
     return write_triage_outputs(records, cfg, out)
 
 

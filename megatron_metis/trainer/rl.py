@@ -21,7 +21,7 @@ from megatron_metis.trainer import rl_steps as steps
 from megatron_metis.trainer.checkpointing import save_train_checkpoint
 from megatron_metis.trainer.metrics import MetricsLogger
 from megatron_metis.trainer.rollout_io import (
-    RequestCache,
+    build_client,
     build_rollout,
     evaluate,
     probe_sample,
@@ -90,7 +90,7 @@ class _RLLoop:
         self.scorer = scorer
         if self.scorer is None and self.rollout is not None:
             self.scorer = stack.enter_context(RewardScorer(cfg.rewards))
-        self.requests = RequestCache(rt)
+        self.client = build_client(rt, self.rollout)
         self.probe = probe_sample(rt)
         self.ref_model = _reference_model(rt) if cfg.grpo.kl_coef > 0 else None
         self.test_problems = _test_problems(rt)
@@ -119,7 +119,7 @@ class _RLLoop:
         """rollout -> rewards -> advantages -> filtering -> update -> weight stream."""
         start = time.perf_counter()
         batch = self.collect(state)
-        samples = steps.build_samples(batch, self.requests, self.rt.cfg)
+        samples = steps.build_samples(batch, self.client, self.rt.cfg)
         metrics = steps.rollout_metrics(self.rt, batch)
         self.warn_truncation(metrics)
         t_train = time.perf_counter()
@@ -151,11 +151,10 @@ class _RLLoop:
             self.rollout.wake()  # awake after a weight stream; asleep after a skipped update
             batch = steps.collect_rollouts(
                 self.rt,
-                self.rollout,
+                self.client,
                 self.scorer,
                 self.prompts,
                 state.cursor,
-                self.requests,
                 step=state.step,
                 categories=self.categories,
             )
@@ -189,7 +188,7 @@ class _RLLoop:
     def evaluate(self) -> dict[str, float]:
         if self.rollout is not None:
             self.rollout.wake()
-        return evaluate(self.rt, self.rollout, self.scorer, self.test_problems, self.requests)
+        return evaluate(self.rt, self.client, self.scorer, self.test_problems)
 
     def maybe_save(self, state: TrainState) -> None:
         cfg = self.rt.cfg

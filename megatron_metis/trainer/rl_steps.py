@@ -27,10 +27,10 @@ from megatron_metis.config import MetisConfig
 from megatron_metis.data import Problem
 from megatron_metis.models.forward import Microbatch, gather_positions, run_pipeline
 from megatron_metis.rewards import RewardScorer
-from megatron_metis.rollout import Completion, RolloutEngine, SamplingParams
+from megatron_metis.rollout import Completion, logprob_temperature
+from megatron_metis.rollout.client import RolloutClient, sampling_params
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
 from megatron_metis.trainer.engine import LossFn, TrainEngine
-from megatron_metis.trainer.rollout_io import RequestCache
 from megatron_metis.trainer.setup import Runtime, from_last_stage, max_over_dp, sum_over_dp
 from megatron_metis.trainer.state import DataCursor
 
@@ -61,15 +61,15 @@ class RolloutBatch:
 
 
 def temperature_of(cfg: MetisConfig) -> float:
-    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    """Temperature of the trainer's log-probs: the rollout engine's (``logprob_temperature``)."""
+    return logprob_temperature(cfg.rollout.temperature)
 
 
 def generate_and_score(
     rt: Runtime,
-    rollout: RolloutEngine,
+    client: RolloutClient,
     scorer: RewardScorer,
     problems: Sequence[Problem],
-    requests: RequestCache,
     *,
     seed: int,
     categories: Sequence[str] = (),
@@ -81,14 +81,11 @@ def generate_and_score(
     """
     cfg = rt.cfg
     g = cfg.grpo.group_size
-    params = SamplingParams.from_config(cfg.rollout, n=g)
-    params = SamplingParams(**{**params.__dict__, "seed": seed})
     t0 = time.perf_counter()
-    completions = rollout.generate([requests(p) for p in problems], params)
+    completions = client.generate(problems, sampling_params(cfg.rollout, n=g, seed=seed))
     t1 = time.perf_counter()
-    golds = [p.answer for p in problems for _ in range(g)]
-    choices = [p.choices for p in problems for _ in range(g)]
-    scores = scorer.score([c.text for c in completions], golds, choices=choices)
+    # RL rewards have always been computed on the text as decoded (end-of-turn token included)
+    scores = client.score(problems, completions, scorer, raw_text=True)
     t2 = time.perf_counter()
     lengths_N = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
     truncated_N = torch.tensor([c.truncated for c in completions])
@@ -135,11 +132,10 @@ def generate_and_score(
 
 def collect_rollouts(
     rt: Runtime,
-    rollout: RolloutEngine,
+    client: RolloutClient,
     scorer: RewardScorer,
     prompts: Sequence[Problem],
     cursor: DataCursor,
-    requests: RequestCache,
     *,
     step: int,
     categories: Sequence[str] = (),
@@ -160,7 +156,7 @@ def collect_rollouts(
         problems = [prompts[i] for i in cursor.take(sampler.groups_needed)]
         seed = rt.cfg.rollout.seed + 1_000_003 * rt.ctx.dp_rank + 1009 * step + round_
         groups, round_sums, round_max = generate_and_score(
-            rt, rollout, scorer, problems, requests, seed=seed, categories=categories
+            rt, client, scorer, problems, seed=seed, categories=categories
         )
         rewards_BG = torch.tensor([grp.rewards for grp in groups])
         accuracy_BG = torch.tensor([grp.accuracy for grp in groups])
@@ -184,7 +180,7 @@ def _sampler_counts(metrics: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def build_samples(batch: RolloutBatch, requests: RequestCache, cfg: MetisConfig) -> list[Sample]:
+def build_samples(batch: RolloutBatch, client: RolloutClient, cfg: MetisConfig) -> list[Sample]:
     """Prompt + response token sequences with their group-normalised advantages."""
     if not batch.groups:
         return []
@@ -192,7 +188,7 @@ def build_samples(batch: RolloutBatch, requests: RequestCache, cfg: MetisConfig)
     adv_BG = group_advantages(rewards_BG, eps=cfg.grpo.adv_eps, norm_std=cfg.grpo.norm_std)
     samples: list[Sample] = []
     for b, grp in enumerate(batch.groups):
-        req = requests(grp.problem)
+        req = client.request(grp.problem)
         prompt_L = torch.tensor(list(req.prompt_ids), dtype=torch.long)
         mm = req.mm_inputs or {}
         for i, completion in enumerate(grp.completions):

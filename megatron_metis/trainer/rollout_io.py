@@ -1,4 +1,4 @@
-"""Between the trainer and the rollout engine: requests, weight streaming and its checks, eval.
+"""Between the trainer and the rollout engine: its client, weight streaming and its checks, eval.
 
 The rollout engine lives on the generator rank of each data-parallel replica (TP rank 0,
 stage 0; ``Runtime.is_generator``). Weight streaming is collective: every rank walks the
@@ -18,19 +18,18 @@ from typing import Any
 import torch
 
 from megatron_metis.checkpoint import export_hf_weights
+from megatron_metis.config import EvalConfig
 from megatron_metis.data import Problem
-from megatron_metis.data.vl_inputs import encode_problems
 from megatron_metis.models.forward import gather_positions
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import (
     RolloutEngine,
-    RolloutRequest,
-    SamplingParams,
     WeightSyncError,
     build_rollout_engine,
     check_logprobs,
     stream_weights,
 )
+from megatron_metis.rollout.client import RolloutClient, sampling_params
 from megatron_metis.trainer.batching import Sample, build_microbatches
 from megatron_metis.trainer.setup import (
     Runtime,
@@ -55,28 +54,16 @@ def build_rollout(rt: Runtime) -> RolloutEngine | None:
     return HFRolloutEngine.from_pretrained(rt.hf_dir, rt.cfg.rollout, device=rt.ctx.device)
 
 
-class RequestCache:
-    """Prompt token ids and processed images of each problem, encoded once."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self._cache: dict[str, RolloutRequest] = {}
-
-    def __call__(self, problem: Problem) -> RolloutRequest:
-        if problem.id not in self._cache:
-            batch = encode_problems(
-                self.rt.processor, [problem], system_prompt=self.rt.cfg.data.system_prompt
-            )
-            mm = None
-            if batch.pixel_values_PC is not None:
-                mm = {
-                    "pixel_values": batch.pixel_values_PC,
-                    "image_grid_thw": batch.image_grid_thw_N3,
-                }
-            self._cache[problem.id] = RolloutRequest(
-                prompt_ids=batch.input_ids_BS[0].tolist(), mm_inputs=mm, problem_id=problem.id
-            )
-        return self._cache[problem.id]
+def build_client(rt: Runtime, rollout: RolloutEngine | None) -> RolloutClient:
+    """The client of the phase's rollout engine (None on ranks that do not generate: they still
+    build requests, for the training samples). Requests are cached: prompts recur."""
+    return RolloutClient(
+        rollout,
+        rt.tokenizer,
+        system_prompt=rt.cfg.data.system_prompt,
+        processor=rt.processor,
+        cache_requests=True,
+    )
 
 
 def trainer_logprobs(rt: Runtime, samples: Sequence[Sample], temperature: float) -> list[Any]:
@@ -160,32 +147,24 @@ def probe_sample(rt: Runtime) -> Sample:
 
 def evaluate(
     rt: Runtime,
-    rollout: RolloutEngine | None,
+    client: RolloutClient,
     scorer: RewardScorer | None,
     problems: Sequence[Problem],
-    requests: RequestCache,
 ) -> dict[str, float]:
-    """Greedy held-out accuracy and format rate (problems split over the DP replicas)."""
+    """Greedy held-out accuracy and format rate (problems split over the DP replicas), scored
+    as ``metis eval`` scores them."""
     cfg = rt.cfg
     mine = list(problems)[rt.ctx.dp_rank :: rt.ctx.dp]
     sums = {"n": 0.0, "accuracy": 0.0, "format": 0.0, "length": 0.0}
-    if rollout is not None and scorer is not None and mine:
-        params = SamplingParams(
-            temperature=0.0,
-            max_new_tokens=cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens,
-            stop=tuple(cfg.rollout.stop),
-        )
-        completions = rollout.generate([requests(p) for p in mine], params)
-        scores = scorer.score(
-            [c.text for c in completions],
-            [p.answer for p in mine],
-            choices=[p.choices for p in mine],
-        )
+    if client.engine is not None and scorer is not None and mine:
+        greedy = EvalConfig(mode="greedy", max_new_tokens=cfg.train.eval_max_new_tokens)
+        groups = client.sample_and_score(mine, sampling_params(cfg.rollout, greedy), scorer)
+        samples = [s for group in groups for s in group]
         sums = {
             "n": float(len(mine)),
-            "accuracy": float(sum(scores.accuracy)),
-            "format": float(sum(scores.format)),
-            "length": float(sum(len(c.token_ids) for c in completions)),
+            "accuracy": float(sum(s.correct for s in samples)),
+            "format": float(sum(s.format for s in samples)),
+            "length": float(sum(s.num_tokens for s in samples)),
         }
     sums = broadcast_from_generator(rt.ctx, sums)
     sums = sum_over_dp(rt.ctx, sums)

@@ -22,7 +22,7 @@ from megatron_metis.trainer.checkpointing import save_train_checkpoint
 from megatron_metis.trainer.engine import LossFn, TrainEngine
 from megatron_metis.trainer.metrics import MetricsLogger
 from megatron_metis.trainer.rollout_io import (
-    RequestCache,
+    build_client,
     build_rollout,
     evaluate,
     probe_sample,
@@ -212,7 +212,7 @@ class _Evaluator:
         self.scorer: Any = None
         if self.rollout is not None:
             self.scorer = stack.enter_context(RewardScorer(cfg.rewards))
-        self.requests = RequestCache(rt)
+        self.client = build_client(rt, self.rollout)
         self.probe = probe_sample(rt)
 
     def due(self, step: int, total: int) -> bool:
@@ -221,7 +221,7 @@ class _Evaluator:
 
     def __call__(self, step: int) -> dict[str, float]:
         sync = sync_weights(self.rt, self.rollout, self.probe)
-        metrics = evaluate(self.rt, self.rollout, self.scorer, self.problems, self.requests)
+        metrics = evaluate(self.rt, self.client, self.scorer, self.problems)
         if self.rollout is not None:
             self.rollout.sleep()
         return {**metrics, **sync}

@@ -24,7 +24,7 @@ from megatron_metis.rewards import RewardScorer
 from megatron_metis.trainer import rl_steps as steps
 from megatron_metis.trainer.batching import Sample
 from megatron_metis.trainer.rollout_io import (
-    RequestCache,
+    build_client,
     build_rollout,
     probe_sample,
     sync_weights,
@@ -52,12 +52,12 @@ def probe_updates(
         rollout = build_rollout(rt)
         assert rollout is not None  # the only rank is the generator
         scorer = scorer or stack.enter_context(RewardScorer(cfg.rewards))
-        requests = RequestCache(rt)
+        client = build_client(rt, rollout)
         sync_weights(rt, rollout, probe_sample(rt))
         cursor = DataCursor(num_items=len(problems), seed=cfg.run.seed)
-        batch = steps.collect_rollouts(rt, rollout, scorer, problems, cursor, requests, step=0)
+        batch = steps.collect_rollouts(rt, client, scorer, problems, cursor, step=0)
         rollout.sleep()
-    samples = steps.build_samples(batch, requests, cfg)
+    samples = steps.build_samples(batch, client, cfg)
     if not samples:
         return []
     advantage_N = torch.tensor([float(s.values["advantage"][0]) for s in samples])

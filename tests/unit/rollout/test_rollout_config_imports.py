@@ -10,7 +10,7 @@ import pytest
 from megatron_metis.config import ConfigError
 from megatron_metis.config.loader import build_dataclass
 from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
-from megatron_metis.rollout.engine import SamplingParams
+from megatron_metis.rollout.client import sampling_params
 
 
 def test_defaults_follow_the_recipe():
@@ -19,7 +19,7 @@ def test_defaults_follow_the_recipe():
     assert grpo.loss_agg == "token_mean" and grpo.norm_std and grpo.dynamic_sampling
     rollout = build_dataclass(RolloutConfig, {"stop": ["</answer>", "<|endoftext|>"]})
     assert rollout.stop == ("</answer>", "<|endoftext|>") and rollout.temperature == 1.0
-    params = SamplingParams.from_config(rollout, n=8)
+    params = sampling_params(rollout, n=8)
     assert params.n == 8 and params.stop == rollout.stop
     assert build_dataclass(SFTConfig, {}).loss_norm == "token"
 

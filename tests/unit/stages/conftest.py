@@ -1,4 +1,4 @@
-"""Fixtures of the stage tests: the tiny tokenizer, a main-process verifier, model wrapper."""
+"""Fixtures of the stage tests: the tiny tokenizer, a main-process verifier, a rollout client."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from megatron_metis.config.rewards import RewardConfig
 from megatron_metis.data.tokenizer import build_tiny_tokenizer
 from megatron_metis.rewards.scorer import RewardScorer
-from megatron_metis.stages.requests import GenerationModel
+from megatron_metis.rollout.client import RolloutClient
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,7 @@ def tokenizer():
 
 @pytest.fixture()
 def make_model(tokenizer):
-    return lambda engine: GenerationModel(engine=engine, tokenizer=tokenizer)
+    return lambda engine: RolloutClient(engine, tokenizer, system_prompt="S")
 
 
 @pytest.fixture(scope="module")

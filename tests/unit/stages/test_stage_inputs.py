@@ -84,7 +84,7 @@ def _fake_triage_internals(monkeypatch, calls: list) -> None:
     class Model:
         tokenizer = None
 
-    monkeypatch.setattr(steps, "load_generation_model", lambda *a, **k: Model())
+    monkeypatch.setattr(steps, "load_client", lambda *a, **k: Model())
     monkeypatch.setattr(steps, "_problems", lambda *a, **k: [])
     monkeypatch.setattr(steps, "RewardScorer", lambda cfg: contextlib.nullcontext())
 

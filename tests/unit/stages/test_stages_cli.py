@@ -1,23 +1,18 @@
-"""Config sections, request building, and `metis triage / expert / eval` end to end on a tiny
-random Qwen2 HF folder (text-only synthetic tasks)."""
+"""Config sections, and `metis triage / expert / eval` end to end on a tiny random Qwen2 HF
+folder (text-only synthetic tasks)."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
-from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megatron_metis.cli.main import main
 from megatron_metis.config import ConfigError, load_config
-from megatron_metis.data.schema import Problem
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.data.synth import write_synthetic_dataset
-from megatron_metis.data.vl_inputs import build_vl_processor
-from megatron_metis.stages.requests import build_requests
-from megatron_metis.stages.runner import read_jsonl
 
 
 def test_stage_sections_load_and_validate():
@@ -44,26 +39,6 @@ def test_stage_sections_load_and_validate():
     ]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, bad)
-
-
-def test_build_requests_text_and_image(tokenizer):
-    text = Problem(id="t", question="Compute 3 + 4.", answer="7")
-    [req] = build_requests([text], tokenizer, system_prompt="SYS")
-    decoded = tokenizer.decode(req.prompt_ids)
-    assert "SYS" in decoded and "Compute 3 + 4." in decoded and req.problem_id == "t"
-    assert decoded.endswith("<|im_start|>assistant\n")
-    buf = io.BytesIO()
-    Image.new("RGB", (56, 84), "blue").save(buf, format="PNG")
-    image = Problem(id="i", question="Color?", answer="blue", images=(buf.getvalue(),))
-    with pytest.raises(ValueError, match="image processor"):
-        build_requests([image], tokenizer, system_prompt="")
-    proc = build_vl_processor(tokenizer, min_pixels=56 * 56, max_pixels=112 * 112)
-    [req] = build_requests([image], tokenizer, system_prompt="", processor=proc)
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    grid = req.mm_inputs["image_grid_thw"]
-    assert req.prompt_ids.count(pad) == int(grid.prod()) // 4
-    assert req.mm_inputs["pixel_values"].shape[0] == int(grid.prod())
-    assert len(req.images) == 1
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ from stage_helpers import TRUNCATED, StubEngine, problem, solved
 
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import EvalConfig, PipelineConfig
+from megatron_metis.data.io import ProgressLog, read_jsonl
 from megatron_metis.stages.evaluation import dataset_names, evaluate, pass_at_k
 from megatron_metis.stages.report import ACCURACY_KEYS, LOSS_KEYS, metric_series, write_report
-from megatron_metis.stages.runner import (
-    ProgressLog,
-    atomic_write_text,
-    is_done,
-    read_jsonl,
-    run_stage,
-)
+from megatron_metis.stages.runner import atomic_write_text, is_done, run_stage
 from megatron_metis.stages.sft_mix import build_sft_mix, mix_counts, mix_sft_rows
 
 
@@ -57,7 +52,6 @@ def test_greedy_accuracy_per_dataset_and_category(tmp_path, make_model, scorer):
         scorer,
         EvalConfig(),
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
         label="rl",
     )
@@ -82,7 +76,6 @@ def test_sampled_pass_at_k(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     assert all(p.n == 4 and p.temperature == 0.8 for _, p in engine.calls)
@@ -110,7 +103,6 @@ def test_truncated_share_is_reported(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     a = res["datasets"]["setA"]
@@ -132,7 +124,6 @@ def test_eval_resumes_per_dataset(tmp_path, make_model, scorer):
             scorer,
             cfg,
             rollout=RolloutConfig(),
-            system_prompt="S",
             out_dir=tmp_path,
         )
     again = StubEngine(_script())
@@ -142,7 +133,6 @@ def test_eval_resumes_per_dataset(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     assert again.requested_ids == ["b1"]

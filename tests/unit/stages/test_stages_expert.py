@@ -10,6 +10,7 @@ from stage_helpers import StubEngine, problem, solved
 from megatron_metis.config.data import DataConfig
 from megatron_metis.config.stages import ExpertConfig
 from megatron_metis.data.check import load_problems
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.data.synth import write_synthetic_dataset
 from megatron_metis.rewards.accuracy import accuracy_reward
 from megatron_metis.rewards.extract import format_reward
@@ -22,7 +23,6 @@ from megatron_metis.stages.expert import (
     normalize_trajectory,
     run_expert,
 )
-from megatron_metis.stages.runner import read_jsonl
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_local_source_through_a_rollout_engine(tmp_path, make_model, scorer):
             "d": ["<think>x=3</think><answer>3</answer>"],
         }
     )
-    source = LocalModelExpert(make_model(engine), SamplingParams(n=2), system_prompt="S")
+    source = LocalModelExpert(make_model(engine), SamplingParams(n=2))
     report = run_expert(_problems(), source, scorer, keep_per_prompt=2, out_dir=tmp_path)
     assert engine.calls[0][1].n == 2
     ids = [r["id"] for r in read_jsonl(tmp_path / "expert.jsonl")]

@@ -12,9 +12,9 @@ import pytest
 from stage_helpers import problem, solved
 
 from megatron_metis.config.stages import ExpertConfig
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.stages.expert import OpenAIExpert, build_expert_source, run_expert
 from megatron_metis.stages.openai_client import ChatError, OpenAIChatClient, RateLimiter
-from megatron_metis.stages.runner import read_jsonl
 
 KEY = "sk-test-SECRET-0123456789"
 

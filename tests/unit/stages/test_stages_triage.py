@@ -12,9 +12,9 @@ from megatron_metis.config.data import DataConfig
 from megatron_metis.config.rl import RolloutConfig
 from megatron_metis.config.stages import TriageConfig
 from megatron_metis.data.check import load_problems
+from megatron_metis.data.io import read_jsonl
 from megatron_metis.rewards.accuracy import accuracy_reward
-from megatron_metis.stages.runner import read_jsonl
-from megatron_metis.stages.sampling import ScoredSample
+from megatron_metis.rollout.client import ScoredSample
 from megatron_metis.stages.triage import bucket_of, run_triage, select_self_distill
 
 
@@ -111,7 +111,6 @@ def test_run_triage_buckets_rows_and_report(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     assert report["buckets"] == {"mastered": 1, "self_distill": 2, "expert": 1}
@@ -156,7 +155,6 @@ def test_shortest_rule_in_the_stage(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     rows = read_jsonl(tmp_path / "self_distill.jsonl")
@@ -173,7 +171,6 @@ def test_triage_resumes_after_a_kill(tmp_path, make_model, scorer):
             scorer,
             cfg,
             rollout=RolloutConfig(),
-            system_prompt="S",
             out_dir=tmp_path,
         )
     assert killed.requested_ids == ["easy", "mid"]
@@ -188,7 +185,6 @@ def test_triage_resumes_after_a_kill(tmp_path, make_model, scorer):
         scorer,
         cfg,
         rollout=RolloutConfig(),
-        system_prompt="S",
         out_dir=tmp_path,
     )
     assert again.requested_ids == ["hard", "mc"]
