@@ -11,8 +11,9 @@ from megatron_metis.config.engine import (
 )
 from megatron_metis.config.loader import ConfigError
 from megatron_metis.config.rewards import RewardConfig
-from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
+from megatron_metis.config.rl import GRPOConfig, RolloutConfig
 from megatron_metis.config.schema import MetisConfig, load_config, save_resolved_config
+from megatron_metis.config.sft import SFTConfig
 from megatron_metis.config.stages import EvalConfig, ExpertConfig, PipelineConfig, TriageConfig
 from megatron_metis.config.train import TrainConfig
 

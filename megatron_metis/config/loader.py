@@ -2,14 +2,15 @@
 
 Every config section is a frozen, keyword-only dataclass. Loading walks the dataclass type hints
 and rejects unknown keys and values of the wrong type, naming the dotted key, so a typo in a
-recipe fails at start-up instead of being silently ignored at step 4000.
+recipe fails at start-up instead of being silently ignored at step 4000. A key that moved to
+another section is an error too, and the message names its new place (``MOVED_KEYS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -20,6 +21,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the dotted key."""
+
+
+MOVED_KEYS: dict[str, str] = {
+    "train.global_batch_size": "sft.global_batch_size",
+    "sft.pack_sequences": "train.pack_sequences",
+}
+"""Keys that moved to the section that owns them: old dotted name -> new dotted name. An old
+name is an error naming the new one, never a silent alias, so no recipe keeps a key in a
+section that suggests it applies to a phase it does not (``train`` holds only keys that mean
+the same for SFT and RL; RL's batch is ``grpo.num_prompts_per_step * grpo.group_size``)."""
 
 
 def build_dataclass(cls: type[T], raw: Mapping[str, Any] | None, *, prefix: str = "") -> T:
@@ -37,8 +48,7 @@ def build_dataclass(cls: type[T], raw: Mapping[str, Any] | None, *, prefix: str 
     hints = get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        names = ", ".join(_join(prefix, k) for k in unknown)
-        raise ConfigError(f"unknown config key(s): {names} (valid: {', '.join(sorted(fields))})")
+        raise ConfigError(_unknown_keys_message([_join(prefix, k) for k in unknown], fields))
     kwargs = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
     try:
         obj = cls(**kwargs)
@@ -53,6 +63,16 @@ def build_dataclass(cls: type[T], raw: Mapping[str, Any] | None, *, prefix: str 
         except ValueError as err:
             raise ConfigError(str(err)) from err
     return obj
+
+
+def _unknown_keys_message(keys: Sequence[str], valid: Iterable[str]) -> str:
+    """One message for the unknown dotted ``keys`` of a section: moved keys name their new
+    place; the others are listed with the section's ``valid`` keys."""
+    parts = [f"{key} moved to {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
+    unknown = ", ".join(key for key in keys if key not in MOVED_KEYS)
+    if unknown:
+        parts.append(f"unknown config key(s): {unknown} (valid: {', '.join(sorted(valid))})")
+    return "; ".join(parts)
 
 
 def _join(prefix: str, key: str) -> str:
@@ -195,6 +215,7 @@ def dump_yaml(obj: Any, path: str | Path) -> None:
 
 
 __all__ = [
+    "MOVED_KEYS",
     "ConfigError",
     "apply_overrides",
     "build_dataclass",

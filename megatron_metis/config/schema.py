@@ -17,7 +17,8 @@ from megatron_metis.config.engine import (
 )
 from megatron_metis.config.loader import apply_overrides, build_dataclass, dump_yaml, read_recipe
 from megatron_metis.config.rewards import RewardConfig
-from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
+from megatron_metis.config.rl import GRPOConfig, RolloutConfig
+from megatron_metis.config.sft import SFTConfig
 from megatron_metis.config.stages import EvalConfig, ExpertConfig, PipelineConfig, TriageConfig
 from megatron_metis.config.train import TrainConfig
 

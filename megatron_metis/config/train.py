@@ -1,4 +1,6 @@
-"""Config section of the training engine's loop: batch sizes, steps, evaluation, log-prob chunks."""
+"""Config section of the training engine's loop, keys that mean the same in SFT and RL: rows
+and packing, steps, evaluation, log-prob chunks. Each phase's batch size lives in its own
+section (``sft.global_batch_size``; RL: ``grpo.num_prompts_per_step * grpo.group_size``)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,6 @@ from megatron_metis.config.loader import ConfigError
 class TrainConfig:
     micro_batch_size: int = 1
     """Rows per micro-batch (a row is one sample, or several packed samples)."""
-    global_batch_size: int = 64
-    """SFT: conversations per optimizer step, over all data-parallel ranks (must divide by DP).
-    RL: unused (a step's batch is ``grpo.num_prompts_per_step * grpo.group_size`` responses,
-    split into ``grpo.num_update_steps`` mini-batches)."""
     max_steps: int = 0
     """Optimizer steps of an SFT run (0: ``sft.epochs`` over the data); rollout steps of an RL
     run (must be >= 1 for ``metis rl``)."""
@@ -23,8 +21,9 @@ class TrainConfig:
     """Token budget of a packed row (0: ``sft.max_seq_len`` for SFT, the longest prompt plus
     ``rollout.max_new_tokens`` for RL). With packing off, rows are padded samples."""
     pack_sequences: bool = True
-    """RL: pack several responses into one row (block-diagonal attention); SFT uses
-    ``sft.pack_sequences``. Qwen2.5-VL samples pack too (M-RoPE ids are per sample)."""
+    """Pack several samples (SFT conversations, RL responses) into one row of at most
+    ``max_tokens_per_row`` tokens (block-diagonal attention, positions restart); off: one
+    padded sample per row. Qwen2.5-VL samples pack too (M-RoPE ids are per sample)."""
     logprob_chunk_tokens: int = 1024
     """Tokens per chunk of the vocab-parallel log-softmax: the fp32 softmax is materialised for
     this many tokens at a time, never for the whole micro-batch (both ``logprob_impl``s)."""
@@ -46,7 +45,7 @@ class TrainConfig:
     """Response budget of evaluation (0: ``rollout.max_new_tokens``)."""
 
     def validate(self) -> None:
-        for key in ("micro_batch_size", "global_batch_size", "logprob_chunk_tokens"):
+        for key in ("micro_batch_size", "logprob_chunk_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in (

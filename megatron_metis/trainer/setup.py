@@ -59,18 +59,16 @@ def prepare_hf_dir(cfg: MetisConfig) -> Path:
     return hf_dir
 
 
-def check_packing_supported(cfg: MetisConfig, phase: str, device: torch.device) -> None:
+def check_packing_supported(cfg: MetisConfig, device: torch.device) -> None:
     """Packed rows keep samples apart with an explicit block-causal mask, which Megatron's local
     attention (CPU) applies. Transformer Engine's causal attention ignores that mask; packing
     there needs THD inputs with per-sample ``cu_seqlens``, which the trainer does not build
     yet, so packed samples would attend to each other. Refuse instead of training on that."""
-    key = "sft.pack_sequences" if phase == "sft" else "train.pack_sequences"
-    packing = cfg.sft.pack_sequences if phase == "sft" else cfg.train.pack_sequences
-    if packing and use_transformer_engine(cfg.model, device):
+    if cfg.train.pack_sequences and use_transformer_engine(cfg.model, device):
         raise ConfigError(
-            f"{key}=true with Transformer Engine layers: packed samples would attend to each "
-            f"other (TE's causal attention ignores the block mask; THD packing is not wired "
-            f"yet). Set {key}=false, or model.transformer_impl=local"
+            "train.pack_sequences=true with Transformer Engine layers: packed samples would attend "
+            "to each other (TE's causal attention ignores the block mask; THD packing is not "
+            "wired yet). Set train.pack_sequences=false, or model.transformer_impl=local"
         )
 
 
@@ -86,7 +84,7 @@ def build_runtime(
     from megatron_metis.data.vl_inputs import build_vl_processor
 
     ctx = init_parallel(cfg.parallel, seed=cfg.run.seed)
-    check_packing_supported(cfg, phase, ctx.device)
+    check_packing_supported(cfg, ctx.device)
     if ctx.rank == 0:
         prepare_hf_dir(cfg)
         save_resolved_config(cfg, Path(cfg.run.output_dir))

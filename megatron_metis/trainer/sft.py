@@ -1,6 +1,6 @@
 """``metis sft``: supervised fine-tuning on assistant tokens, on the training engine.
 
-Each step takes ``train.global_batch_size`` conversations (epoch-shuffled, split over the DP
+Each step takes ``sft.global_batch_size`` conversations (epoch-shuffled, split over the DP
 ranks), packs them into rows, and takes one optimizer step on the NLL of the assistant tokens
 normalised by their global count (all micro-batches, all DP ranks). Checkpoints every
 ``checkpoint.save_interval`` steps; rerunning the command resumes from the latest.
@@ -55,7 +55,7 @@ def sft_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, float
 
 def step_rows(cfg: MetisConfig, samples: list[Sample]) -> list[list[Sample]]:
     budget = cfg.train.max_tokens_per_row or cfg.sft.max_seq_len
-    return pack_rows(samples, max_tokens=budget, pack=cfg.sft.pack_sequences)
+    return pack_rows(samples, max_tokens=budget, pack=cfg.train.pack_sequences)
 
 
 def sft_step(rt: Runtime, samples: list[Sample], step: int) -> dict[str, float]:
@@ -103,7 +103,7 @@ def _empty_sample() -> Sample:
 def total_sft_steps(cfg: MetisConfig, num_conversations: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    return max(num_conversations // cfg.train.global_batch_size, 1) * cfg.sft.epochs
+    return max(num_conversations // cfg.sft.global_batch_size, 1) * cfg.sft.epochs
 
 
 def run_sft(cfg: MetisConfig) -> dict[str, float]:
@@ -116,8 +116,8 @@ def run_sft(cfg: MetisConfig) -> dict[str, float]:
     )
     total = total_sft_steps(cfg, len(dataset))
     rt.engine.total_steps = total
-    if cfg.train.global_batch_size % rt.ctx.dp:
-        raise ValueError("train.global_batch_size must be divisible by the data-parallel size")
+    if cfg.sft.global_batch_size % rt.ctx.dp:
+        raise ValueError("sft.global_batch_size must be divisible by the data-parallel size")
     state = state or TrainState(
         phase="sft",
         cursor=DataCursor(num_items=len(dataset), seed=cfg.run.seed, shuffle=cfg.sft.shuffle),
@@ -148,7 +148,7 @@ def run_sft(cfg: MetisConfig) -> dict[str, float]:
 def _train_one(rt: Runtime, dataset: SFTDataset, state: TrainState) -> dict[str, float]:
     cfg, ctx = rt.cfg, rt.ctx
     assert state.cursor is not None
-    indices = state.cursor.take(cfg.train.global_batch_size)
+    indices = state.cursor.take(cfg.sft.global_batch_size)
     samples = dataset.samples(indices[ctx.dp_rank :: ctx.dp])
     metrics = sft_step(rt, samples, state.step)
     state.step += 1

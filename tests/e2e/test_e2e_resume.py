@@ -36,7 +36,7 @@ def _command(hf: str, data: str, out: Path) -> list[str]:
         "checkpoint.save_interval=1",
         "checkpoint.keep_last=2",
         f"train.max_steps={STEPS}",
-        "train.global_batch_size=4",
+        "sft.global_batch_size=4",
     ]
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
 from megatron_metis.config import ConfigError, MetisConfig, load_config, save_resolved_config
+from megatron_metis.config.loader import MOVED_KEYS
 
 
 def test_defaults_and_overrides():
@@ -34,6 +37,45 @@ def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [
+        ("train.global_batch_size", "sft.global_batch_size", 32),
+        ("sft.pack_sequences", "train.pack_sequences", False),
+    ],
+)
+def test_a_moved_key_is_an_error_that_names_its_new_key(tmp_path, old, new, value):
+    """A recipe or override written before a key moved fails with the new name, which takes
+    the value."""
+    with pytest.raises(ConfigError, match=f"^{old} moved to {new}$"):
+        load_config(None, [f"{old}={value}"])
+    section, key = old.split(".")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(ConfigError, match=f"^{old} moved to {new}$"):
+        load_config(recipe)
+    section, key = new.split(".")
+    assert getattr(getattr(load_config(None, [f"{new}={value}"]), section), key) == value
+
+
+def test_moved_keys_lead_from_a_gone_key_to_an_existing_one():
+    def exists(dotted: str) -> bool:
+        section, key = dotted.split(".")
+        return key in {f.name for f in dataclasses.fields(getattr(MetisConfig(), section))}
+
+    assert MOVED_KEYS
+    for old, new in MOVED_KEYS.items():
+        assert not exists(old) and exists(new), (old, new)
+
+
+def test_moved_and_unknown_keys_are_both_reported():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.global_batch_size=8", "train.batch=8"])
+    message = str(err.value)
+    assert message.startswith("train.global_batch_size moved to sft.global_batch_size; ")
+    assert "unknown config key(s): train.batch (valid: " in message
 
 
 def test_recipe_with_base_and_resolved_dump_round_trips(tmp_path):

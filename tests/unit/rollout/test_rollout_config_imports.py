@@ -9,7 +9,8 @@ import pytest
 
 from megatron_metis.config import ConfigError
 from megatron_metis.config.loader import build_dataclass
-from megatron_metis.config.rl import GRPOConfig, RolloutConfig, SFTConfig
+from megatron_metis.config.rl import GRPOConfig, RolloutConfig
+from megatron_metis.config.sft import SFTConfig
 from megatron_metis.rollout.client import sampling_params
 
 

@@ -55,7 +55,7 @@ def test_recipe_loads_and_fits_its_cluster(recipe):
     assert gpus % model_parallel == 0
     dp = gpus // model_parallel
     if recipe.name.startswith("sft"):
-        assert cfg.train.global_batch_size % dp == 0
+        assert cfg.sft.global_batch_size % dp == 0
     size = re.search(r"qwen2\.5vl-(\d+b)", recipe.name)[1]
     shape = SHAPES[size]
     arch = Qwen2Arch.from_hf_dict({**shape, "vocab_size": 152064, "rms_norm_eps": 1e-6})
@@ -124,12 +124,9 @@ def test_packing_under_transformer_engine_is_refused(monkeypatch):
 
     monkeypatch.setattr(setup, "use_transformer_engine", lambda *_: True)
     cuda = torch.device("cuda")
-    with pytest.raises(ConfigError, match="sft.pack_sequences=true with Transformer Engine"):
-        setup.check_packing_supported(load_config(None, []), "sft", cuda)
-    with pytest.raises(ConfigError, match="train.pack_sequences=true"):
-        setup.check_packing_supported(load_config(None, []), "rl", cuda)
+    with pytest.raises(ConfigError, match="train.pack_sequences=true with Transformer Engine"):
+        setup.check_packing_supported(load_config(None, []), cuda)
     gpu_recipes = [p for p in RECIPES if "tiny" not in p.name]
     assert len(gpu_recipes) == 4
     for path in gpu_recipes:
-        phase = "sft" if path.name.startswith("sft") else "rl"
-        setup.check_packing_supported(load_config(str(path), []), phase, cuda)
+        setup.check_packing_supported(load_config(str(path), []), cuda)
