@@ -113,6 +113,24 @@ class Qwen2_5_VLModel(MegatronModule):
             if self.cp_group is None:
                 self.cp_group = parallel_state.get_context_parallel_group()
 
+    # The decoder's stage and embedding attributes, where Megatron's tied-embedding gradient
+    # all-reduce (``finalize_model_grads``, PP > 1) looks for them: on the model it is given.
+    @property
+    def pre_process(self) -> bool:
+        return self.language_model.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.language_model.post_process
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The decoder's word embedding (first stage) or output weight (last stage)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
         self.language_model.set_input_tensor(input_tensor)

@@ -87,7 +87,6 @@ class TrainEngine:
         )
 
         self.module, self.arch, self.ctx, self.cfg = module, arch, ctx, cfg
-        _expose_language_model_attrs(module)
         self.fused_logprobs = cfg.train.logprob_impl == "fused"
         if self.fused_logprobs:
             install_hidden_state_head(module)
@@ -208,19 +207,3 @@ class TrainEngine:
         output is logits or hidden states, as ``logprobs`` takes it."""
         self.ddp.eval()
         return run_pipeline(self.ddp, self.ctx, microbatches, fn, forward_only=True)
-
-
-def _expose_language_model_attrs(module: torch.nn.Module) -> None:
-    """Let ``finalize_model_grads`` find the decoder's embedding attributes on a wrapper.
-
-    Megatron's tied-embedding gradient all-reduce (PP > 1) looks up ``pre_process``,
-    ``share_embeddings_and_output_weights`` and ``shared_embedding_or_output_weight`` on the
-    model it is given; ``Qwen2_5_VLModel`` keeps them on its ``language_model``.
-    """
-    inner = getattr(module, "language_model", None)
-    if inner is None or hasattr(module, "pre_process"):
-        return
-    module.pre_process = inner.pre_process
-    module.post_process = inner.post_process
-    module.share_embeddings_and_output_weights = inner.share_embeddings_and_output_weights
-    module.shared_embedding_or_output_weight = inner.shared_embedding_or_output_weight
