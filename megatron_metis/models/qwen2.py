@@ -62,17 +62,25 @@ def build_transformer_config(arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelCo
     )
 
 
-def build_qwen2_model(arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelConfig):
+def build_qwen2_model(
+    arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelConfig, *, returns_hidden_states: bool = False
+):
     """Build this rank's part (TP shard, PP stage) of the language model, randomly initialised.
 
-    Weights come from ``checkpoint.load_hf_weights`` or a training checkpoint afterwards.
+    A ``GPTModel``, or with ``returns_hidden_states`` a ``HiddenStateGPTModel``, whose last
+    stage returns the final hidden states instead of logits (``models.output_head``: the fused
+    log-prob kernel takes them). Weights come from ``checkpoint.load_hf_weights`` or a training
+    checkpoint afterwards.
     """
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_metis.models.output_head import HiddenStateGPTModel
 
     arch.check_parallel(ctx.tp, ctx.pp)
     use_te = use_transformer_engine(cfg, ctx.device)
     config = build_transformer_config(arch, ctx, cfg, use_te)
-    model = GPTModel(
+    model_class = HiddenStateGPTModel if returns_hidden_states else GPTModel
+    model = model_class(
         config=config,
         transformer_layer_spec=qwen2_layer_spec(spec_provider(use_te, context_parallel=ctx.cp > 1)),
         vocab_size=arch.padded_vocab_size(ctx.tp, cfg.make_vocab_size_divisible_by),

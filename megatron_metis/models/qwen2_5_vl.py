@@ -214,13 +214,18 @@ class Qwen2_5_VLModel(MegatronModule):
         )
 
 
-def build_qwen2_5_vl_model(hf_config: dict, arch, ctx, cfg: ModelConfig) -> Qwen2_5_VLModel:
-    """This rank's part of Qwen2.5-VL: decoder shard (TP, PP stage) + tower on the first stage."""
+def build_qwen2_5_vl_model(
+    hf_config: dict, arch, ctx, cfg: ModelConfig, *, returns_hidden_states: bool = False
+) -> Qwen2_5_VLModel:
+    """This rank's part of Qwen2.5-VL: decoder shard (TP, PP stage) + tower on the first stage.
+
+    ``returns_hidden_states``: the decoder's last stage returns hidden states, not logits
+    (``qwen2.build_qwen2_model``)."""
     from megatron_metis.models.qwen2 import build_qwen2_model
 
     if not arch.mrope_section:
         raise ConfigError("a Qwen2.5-VL config.json needs rope_parameters.mrope_section")
-    language_model = build_qwen2_model(arch, ctx, cfg)
+    language_model = build_qwen2_model(arch, ctx, cfg, returns_hidden_states=returns_hidden_states)
     vision = build_vision_tower(hf_config, cfg).to(ctx.device) if ctx.is_first_stage else None
     return Qwen2_5_VLModel(language_model, vision, vision_tokens_of(hf_config))
 
