@@ -1,23 +1,17 @@
-"""Fixtures of the stage tests: the tiny tokenizer, a main-process verifier, model wrapper."""
+"""Fixtures of the stage tests: a main-process verifier, the model wrapper."""
 
 from __future__ import annotations
 
 import pytest
 
 from megatron_metis.config.rewards import RewardConfig
-from megatron_metis.data.tokenizer import build_tiny_tokenizer
 from megatron_metis.rewards.scorer import RewardScorer
 from megatron_metis.stages.requests import GenerationModel
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
 @pytest.fixture()
-def make_model(tokenizer):
-    return lambda engine: GenerationModel(engine=engine, tokenizer=tokenizer)
+def make_model(tiny_tokenizer):
+    return lambda engine: GenerationModel(engine=engine, tokenizer=tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ import io
 import json
 
 import pytest
-import torch
 from PIL import Image
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megatron_metis.cli.main import main
 from megatron_metis.config import ConfigError, load_config
 from megatron_metis.data.schema import Problem
 from megatron_metis.data.synth import write_synthetic_dataset
 from megatron_metis.data.vl_inputs import build_vl_processor
+from megatron_metis.models.tiny import init_tiny_model, save_tiny_model, tiny_qwen2_config
 from megatron_metis.stages.requests import build_requests
 from megatron_metis.stages.runner import read_jsonl
 
@@ -46,20 +45,20 @@ def test_stage_sections_load_and_validate():
             load_config(None, bad)
 
 
-def test_build_requests_text_and_image(tokenizer):
+def test_build_requests_text_and_image(tiny_tokenizer):
     text = Problem(id="t", question="Compute 3 + 4.", answer="7")
-    [req] = build_requests([text], tokenizer, system_prompt="SYS")
-    decoded = tokenizer.decode(req.prompt_ids)
+    [req] = build_requests([text], tiny_tokenizer, system_prompt="SYS")
+    decoded = tiny_tokenizer.decode(req.prompt_ids)
     assert "SYS" in decoded and "Compute 3 + 4." in decoded and req.problem_id == "t"
     assert decoded.endswith("<|im_start|>assistant\n")
     buf = io.BytesIO()
     Image.new("RGB", (56, 84), "blue").save(buf, format="PNG")
     image = Problem(id="i", question="Color?", answer="blue", images=(buf.getvalue(),))
     with pytest.raises(ValueError, match="image processor"):
-        build_requests([image], tokenizer, system_prompt="")
-    proc = build_vl_processor(tokenizer, min_pixels=56 * 56, max_pixels=112 * 112)
-    [req] = build_requests([image], tokenizer, system_prompt="", processor=proc)
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        build_requests([image], tiny_tokenizer, system_prompt="")
+    proc = build_vl_processor(tiny_tokenizer, min_pixels=56 * 56, max_pixels=112 * 112)
+    [req] = build_requests([image], tiny_tokenizer, system_prompt="", processor=proc)
+    pad = tiny_tokenizer.convert_tokens_to_ids("<|image_pad|>")
     grid = req.mm_inputs["image_grid_thw"]
     assert req.prompt_ids.count(pad) == int(grid.prod()) // 4
     assert req.mm_inputs["pixel_values"].shape[0] == int(grid.prod())
@@ -67,22 +66,12 @@ def test_build_requests_text_and_image(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, tokenizer):
-    out = tmp_path_factory.mktemp("tiny_qwen2")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
+def hf_dir(tmp_path_factory, tiny_tokenizer):
+    config = tiny_qwen2_config(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, num_layers=1, max_position_embeddings=1024
     )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    return save_tiny_model(init_tiny_model(config, seed=0), out, tiny_tokenizer)
 
 
 def test_cli_triage_expert_eval(tmp_path, hf_dir, capsys):
