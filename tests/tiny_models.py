@@ -17,6 +17,7 @@ from megatron_metis.data.vl_inputs import build_vl_processor
 from megatron_metis.models.tiny import (
     TINY_MAX_PIXELS,
     TINY_MIN_PIXELS,
+    build_tiny_qwen2_5_vl,
     init_tiny_model,
     save_tiny_model,
     tiny_qwen2_5_vl_config,
@@ -100,3 +101,13 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0):
         tokenizer, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS
     )
     return model, processor
+
+
+def write_tiny_assets(root: Path) -> tuple[str, str]:
+    """The trainer and end-to-end tests' run inputs: a small tiny Qwen2.5-VL (hidden 64, 2
+    layers) at ``root/hf`` and a 40-problem synthetic dataset at ``root/data``."""
+    from megatron_metis.data.synth import write_synthetic_dataset
+
+    hf = build_tiny_qwen2_5_vl(root / "hf", hidden_size=64, num_layers=2)
+    write_synthetic_dataset(root / "data", n=40, seed=0)
+    return str(hf), str(root / "data")

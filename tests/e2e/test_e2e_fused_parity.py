@@ -4,7 +4,7 @@ path, same seed, gives the same per-step losses and metrics.
 
 The runs exercise every log-prob consumer of the RL loop under ``fused``: the clipped loss,
 the old log-probs of ``grpo.num_update_steps=2``, the KL reference model (``grpo.kl_coef``;
-``attach_logprobs`` gives it the hidden-state head) and the weight-stream check
+``build_policy_model`` gives it the hidden-state head) and the weight-stream check
 (``rollout.verify_weights=logprobs``). The policy's weights differ between the runs only by
 fp32 summation order, so the sampled responses (same seeds) are the same. Measured (4 steps,
 CPU): ``loss`` (about 1e-3..1e-2, a sum of centred-advantage terms) max abs difference 4.5e-8;
@@ -15,7 +15,8 @@ identical.
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import rl_worker, write_assets
+from e2e_helpers import rl_worker
+from tiny_models import write_tiny_assets
 
 from megatron_metis.parallel import spawn
 
@@ -33,7 +34,7 @@ terms. The same Adam drift as above: with the `tally` rows in the data the CP=2 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e_fused")
-    hf, data = write_assets(root)
+    hf, data = write_tiny_assets(root)
     return {"hf": hf, "data": data, "root": root}
 
 
