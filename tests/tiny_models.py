@@ -17,6 +17,7 @@ from megatron_metis.data.vl_inputs import build_vl_processor
 from megatron_metis.models.tiny import (
     TINY_MAX_PIXELS,
     TINY_MIN_PIXELS,
+    TinyTextSizes,
     build_tiny_qwen2_5_vl,
     init_tiny_model,
     save_tiny_model,
@@ -55,9 +56,7 @@ def make_tiny_qwen2(
     return it. The default vocab (131) is not a multiple of any TP size."""
     config = tiny_qwen2_config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        num_layers=num_layers,
-        max_position_embeddings=64,
+        sizes=TinyTextSizes(hidden_size=64, num_layers=num_layers, max_position_embeddings=64),
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=vocab_size - 1,
     )
@@ -71,9 +70,7 @@ def sampling_qwen2(tokenizer, *, seed: int = 0, num_layers: int = 2):
     sampling and scoring tests: its log-probs are reproducible to 1e-6."""
     config = tiny_qwen2_config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=num_layers,
-        max_position_embeddings=512,
+        sizes=TinyTextSizes(hidden_size=32, num_layers=num_layers, max_position_embeddings=512),
         attn_implementation="eager",
     )
     return spread_matrices(init_tiny_model(config, seed=seed))
@@ -89,9 +86,7 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, *, seed: int = 0):
     tokenizer = build_tiny_tokenizer()
     config = tiny_qwen2_5_vl_config(
         tokenizer,
-        hidden_size=64,
-        num_layers=2,
-        max_position_embeddings=512,
+        sizes=TinyTextSizes(hidden_size=64, num_layers=2, max_position_embeddings=512),
         mrope_section=(2, 3, 3),
         vision_intermediate_size=96,
     )

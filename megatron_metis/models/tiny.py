@@ -5,14 +5,16 @@ configs.
 tokenizer, the image processor config) that every part of the project loads like a real
 Qwen2.5-VL-7B-Instruct folder: the engine (``build_model`` + ``load_hf_weights``), the rollout
 engine and transformers itself. Its parts are the builders of every tiny model, the tests'
-included: a config (``tiny_qwen2_config``, ``tiny_qwen2_5_vl_config``), a random float32 model
-of it (``init_tiny_model``), and a folder (``save_tiny_model``).
+included: a config (``tiny_qwen2_config``, ``tiny_qwen2_5_vl_config``; the text model's sizes in
+``TinyTextSizes``), a random float32 model of it (``init_tiny_model``), and a folder
+(``save_tiny_model``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,68 +25,66 @@ TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
 
 
-def _text_fields(
-    *,
-    vocab_size: int,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    max_position_embeddings: int,
-    mrope_section: Sequence[int] | None,
-    eos_token_id: int | None,
-    pad_token_id: int | None,
-) -> dict[str, Any]:
-    """The Qwen2 text-model fields shared by both families: SwiGLU width 2 * hidden, RMSNorm eps
-    1e-6, RoPE theta 1e4 (M-RoPE with ``mrope_section``), no BOS token."""
-    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
-        raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must be an even dim")
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 1e4}
-    if mrope_section is not None:
-        rope["mrope_section"] = list(mrope_section)
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": max_position_embeddings,
-        "rope_parameters": rope,
-        "bos_token_id": None,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-    }
+@dataclass(frozen=True, kw_only=True)
+class TinyTextSizes:
+    """Sizes of a tiny Qwen2 text model (alone, or the decoder of a tiny Qwen2.5-VL)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    """Query heads; head dim ``hidden_size / num_heads``, which must be even (RoPE)."""
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 4096
+
+    def fields(
+        self,
+        *,
+        vocab_size: int,
+        mrope_section: Sequence[int] | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> dict[str, Any]:
+        """The HF text-config fields: SwiGLU width 2 * hidden, RMSNorm eps 1e-6, RoPE theta
+        1e4 (M-RoPE with ``mrope_section``), no BOS token."""
+        head_dim, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head_dim % 2:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must be an even dim"
+            )
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 1e4}
+        if mrope_section is not None:
+            rope["mrope_section"] = list(mrope_section)
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": 2 * self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": rope,
+            "bos_token_id": None,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+        }
 
 
 def tiny_qwen2_config(
     *,
     vocab_size: int,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    max_position_embeddings: int = 4096,
+    sizes: TinyTextSizes = TinyTextSizes(),
     tie_word_embeddings: bool = False,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     attn_implementation: str | None = None,
 ):
-    """A tiny Qwen2 (text) ``Qwen2Config``: GQA ``num_heads`` / ``num_kv_heads``, head dim
-    ``hidden_size / num_heads``; ``attn_implementation`` None is transformers' default."""
+    """A tiny Qwen2 (text) ``Qwen2Config``; ``attn_implementation`` None is transformers'
+    default."""
     from transformers import Qwen2Config
 
-    fields = _text_fields(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        mrope_section=None,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+    fields = sizes.fields(
+        vocab_size=vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
     return Qwen2Config(
         **fields, tie_word_embeddings=tie_word_embeddings, attn_implementation=attn_implementation
@@ -94,11 +94,7 @@ def tiny_qwen2_config(
 def tiny_qwen2_5_vl_config(
     tokenizer,
     *,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    max_position_embeddings: int = 4096,
+    sizes: TinyTextSizes = TinyTextSizes(),
     mrope_section: Sequence[int] | None = None,
     vision_depth: int = 2,
     vision_hidden_size: int = 64,
@@ -107,24 +103,19 @@ def tiny_qwen2_5_vl_config(
     """A tiny ``Qwen2_5_VLConfig`` for ``tokenizer`` (the tiny one: its vocabulary and special
     tokens).
 
-    Text model: as ``tiny_qwen2_config``, with M-RoPE sections ``mrope_section`` (default: the
-    rotary half-dimension split as evenly as possible, the temporal part largest), untied
-    embeddings, EOS ``<|im_end|>``. Vision tower: ``vision_depth`` blocks (the last one full
-    attention, the others windowed), patch 14, 2x2 merge into the text width, MLP width
+    Text model: ``sizes``, M-RoPE sections ``mrope_section`` (default: the rotary
+    half-dimension split as evenly as possible, the temporal part largest), untied embeddings,
+    EOS ``<|im_end|>``. Vision tower: ``vision_depth`` blocks (the last one full attention, the
+    others windowed), patch 14, 2x2 merge into the text width, MLP width
     ``vision_intermediate_size`` (default 2 * ``vision_hidden_size``).
     """
     from transformers import Qwen2_5_VLConfig
 
     if mrope_section is None:
-        half = hidden_size // num_heads // 2
+        half = sizes.hidden_size // sizes.num_heads // 2
         mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
-    text = _text_fields(
+    text = sizes.fields(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
         mrope_section=mrope_section,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -136,7 +127,7 @@ def tiny_qwen2_5_vl_config(
             2 * vision_hidden_size if vision_intermediate_size is None else vision_intermediate_size
         ),
         "num_heads": 4,
-        "out_hidden_size": hidden_size,
+        "out_hidden_size": sizes.hidden_size,
         "window_size": 56,
         "fullatt_block_indexes": [vision_depth - 1],
     }
@@ -201,7 +192,7 @@ def build_tiny_qwen2_5_vl(
     overwrite: bool = False,
 ) -> Path:
     """Create a float32 tiny Qwen2.5-VL HF folder at ``out_dir`` (kept if it already exists):
-    ``tiny_qwen2_5_vl_config`` with ``hidden_size`` and ``num_layers``, the tiny tokenizer.
+    ``tiny_qwen2_5_vl_config`` of ``hidden_size`` and ``num_layers``, the tiny tokenizer.
 
     Returns:
         The folder.
@@ -212,7 +203,8 @@ def build_tiny_qwen2_5_vl(
     if (out / "config.json").exists() and not overwrite:
         return out
     tok = build_tiny_tokenizer()
-    config = tiny_qwen2_5_vl_config(tok, hidden_size=hidden_size, num_layers=num_layers)
+    sizes = TinyTextSizes(hidden_size=hidden_size, num_layers=num_layers)
+    config = tiny_qwen2_5_vl_config(tok, sizes=sizes)
     save_tiny_model(init_tiny_model(config, seed=seed), out, tok)
     (out / "metis_tiny.json").write_text(
         json.dumps({"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed}) + "\n"

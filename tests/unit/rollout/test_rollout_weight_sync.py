@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_metis.models.tiny import init_tiny_model, tiny_qwen2_5_vl_config
+from megatron_metis.models.tiny import TinyTextSizes, init_tiny_model, tiny_qwen2_5_vl_config
 from megatron_metis.rollout.engine import TensorChecksum, tensor_checksum
 from megatron_metis.rollout.hf_engine import HFRolloutEngine
 from megatron_metis.rollout.weight_sync import (
@@ -110,8 +110,9 @@ def test_unknown_name_or_shape_is_rejected(tiny_tokenizer, tiny_model_factory):
 
 
 def test_vl_release_names_reach_the_transformers5_modules(tiny_tokenizer):
+    sizes = TinyTextSizes(hidden_size=32, num_layers=1)
     config = tiny_qwen2_5_vl_config(
-        tiny_tokenizer, hidden_size=32, num_layers=1, vision_depth=1, vision_hidden_size=16
+        tiny_tokenizer, sizes=sizes, vision_depth=1, vision_hidden_size=16
     )
     engine = HFRolloutEngine(init_tiny_model(config), tiny_tokenizer)
     names = [

@@ -14,7 +14,12 @@ from megatron_metis.config import ConfigError, load_config
 from megatron_metis.data.schema import Problem
 from megatron_metis.data.synth import write_synthetic_dataset
 from megatron_metis.data.vl_inputs import build_vl_processor
-from megatron_metis.models.tiny import init_tiny_model, save_tiny_model, tiny_qwen2_config
+from megatron_metis.models.tiny import (
+    TinyTextSizes,
+    init_tiny_model,
+    save_tiny_model,
+    tiny_qwen2_config,
+)
 from megatron_metis.stages.requests import build_requests
 from megatron_metis.stages.runner import read_jsonl
 
@@ -67,9 +72,8 @@ def test_build_requests_text_and_image(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tiny_tokenizer):
-    config = tiny_qwen2_config(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, num_layers=1, max_position_embeddings=1024
-    )
+    sizes = TinyTextSizes(hidden_size=32, num_layers=1, max_position_embeddings=1024)
+    config = tiny_qwen2_config(vocab_size=len(tiny_tokenizer), sizes=sizes)
     out = tmp_path_factory.mktemp("tiny_qwen2")
     return save_tiny_model(init_tiny_model(config, seed=0), out, tiny_tokenizer)
 
