@@ -2,8 +2,8 @@
 
 Layers, lowest first (imports only point down this list; ``a | b`` never import each other)::
 
-    utils -> config -> data | rewards | kernels -> parallel -> models -> checkpoint
-          -> rollout | algorithms -> trainer -> cli
+    config -> data | rewards | kernels -> parallel -> models -> checkpoint
+           -> rollout | algorithms -> trainer -> stages -> cli
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,7 @@
-"""Suite-wide settings: offline hub, one thread per process, GPU tests skipped without CUDA."""
+"""Suite-wide settings (offline hub, GPU tests skipped without CUDA) and the tiny tokenizer.
+
+The tiny models are built by ``tests/tiny_models.py`` on the product's ``models.tiny``.
+"""
 
 import os
 
@@ -16,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The project's tiny tokenizer (Qwen special tokens and chat template), built offline."""
+    from megatron_metis.data.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()

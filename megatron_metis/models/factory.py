@@ -36,17 +36,27 @@ def model_type_of(hf_config: dict, source: str | Path) -> str:
 
 
 def build_model(
-    hf_config: dict, ctx: ParallelContext, cfg: ModelConfig, *, source: str | Path = "config"
+    hf_config: dict,
+    ctx: ParallelContext,
+    cfg: ModelConfig,
+    *,
+    source: str | Path = "config",
+    returns_hidden_states: bool = False,
 ) -> tuple[torch.nn.Module, Qwen2Arch]:
     """This rank's shard of the model described by ``hf_config`` (randomly initialised).
 
     Returns (model, arch): a ``GPTModel`` for ``qwen2``, a ``Qwen2_5_VLModel`` (vision tower +
     ``GPTModel`` with M-RoPE) for ``qwen2_5_vl``; ``arch`` is the decoder's architecture.
+    With ``returns_hidden_states`` the decoder is a ``HiddenStateGPTModel``: its last stage
+    returns the final hidden states, for the fused log-prob kernel, instead of logits.
     """
     model_type = model_type_of(hf_config, source)
     arch = Qwen2Arch.from_hf_dict(hf_config)
     if model_type == "qwen2_5_vl":
         from megatron_metis.models.qwen2_5_vl import build_qwen2_5_vl_model
 
-        return build_qwen2_5_vl_model(hf_config, arch, ctx, cfg), arch
-    return build_qwen2_model(arch, ctx, cfg), arch
+        model = build_qwen2_5_vl_model(
+            hf_config, arch, ctx, cfg, returns_hidden_states=returns_hidden_states
+        )
+        return model, arch
+    return build_qwen2_model(arch, ctx, cfg, returns_hidden_states=returns_hidden_states), arch

@@ -18,6 +18,9 @@ queries, under the mask rows of its positions (``[b, 1, s, S]``, built by
 ``models.forward.shard_microbatch``). That costs ``S`` keys of memory per rank instead of TE's
 ``S / cp``, which is fine for the CPU path it serves: making CP runnable and testable where TE
 cannot be installed.
+
+``SdpaSpecProvider`` is Megatron's ``LocalSpecProvider`` with these as its core attention:
+``models.specs`` builds the local layer spec from it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -113,3 +117,17 @@ class ContextParallelSdpaAttention(SdpaDotProductAttention):
         key = gather_sequence(key, 0, self.cp_group)
         value = gather_sequence(value, 0, self.cp_group)
         return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+
+class SdpaSpecProvider(LocalSpecProvider):
+    """Megatron's local layers, with ``SdpaDotProductAttention`` as core attention, or
+    ``ContextParallelSdpaAttention`` under context parallelism (``context_parallel``)."""
+
+    def __init__(self, *, context_parallel: bool = False) -> None:
+        self.context_parallel = context_parallel
+
+    def core_attention(self) -> type:
+        """Which module to use for attention."""
+        if self.context_parallel:
+            return ContextParallelSdpaAttention
+        return SdpaDotProductAttention

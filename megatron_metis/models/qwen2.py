@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from megatron_metis.config import ModelConfig
 from megatron_metis.models.arch import Qwen2Arch
-from megatron_metis.models.specs import gpt_layer_spec, use_transformer_engine
+from megatron_metis.models.specs import qwen2_layer_spec, spec_provider, use_transformer_engine
 from megatron_metis.parallel import ParallelContext
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,19 +62,27 @@ def build_transformer_config(arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelCo
     )
 
 
-def build_qwen2_model(arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelConfig):
+def build_qwen2_model(
+    arch: Qwen2Arch, ctx: ParallelContext, cfg: ModelConfig, *, returns_hidden_states: bool = False
+):
     """Build this rank's part (TP shard, PP stage) of the language model, randomly initialised.
 
-    Weights come from ``checkpoint.load_hf_weights`` or a training checkpoint afterwards.
+    A ``GPTModel``, or with ``returns_hidden_states`` a ``HiddenStateGPTModel``, whose last
+    stage returns the final hidden states instead of logits (``models.output_head``: the fused
+    log-prob kernel takes them). Weights come from ``checkpoint.load_hf_weights`` or a training
+    checkpoint afterwards.
     """
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_metis.models.output_head import HiddenStateGPTModel
 
     arch.check_parallel(ctx.tp, ctx.pp)
     use_te = use_transformer_engine(cfg, ctx.device)
     config = build_transformer_config(arch, ctx, cfg, use_te)
-    model = GPTModel(
+    model_class = HiddenStateGPTModel if returns_hidden_states else GPTModel
+    model = model_class(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(use_te, context_parallel=ctx.cp > 1),
+        transformer_layer_spec=qwen2_layer_spec(spec_provider(use_te, context_parallel=ctx.cp > 1)),
         vocab_size=arch.padded_vocab_size(ctx.tp, cfg.make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ctx.is_first_stage,

@@ -113,6 +113,24 @@ class Qwen2_5_VLModel(MegatronModule):
             if self.cp_group is None:
                 self.cp_group = parallel_state.get_context_parallel_group()
 
+    # The decoder's stage and embedding attributes, where Megatron's tied-embedding gradient
+    # all-reduce (``finalize_model_grads``, PP > 1) looks for them: on the model it is given.
+    @property
+    def pre_process(self) -> bool:
+        return self.language_model.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.language_model.post_process
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The decoder's word embedding (first stage) or output weight (last stage)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
         self.language_model.set_input_tensor(input_tensor)
@@ -196,13 +214,18 @@ class Qwen2_5_VLModel(MegatronModule):
         )
 
 
-def build_qwen2_5_vl_model(hf_config: dict, arch, ctx, cfg: ModelConfig) -> Qwen2_5_VLModel:
-    """This rank's part of Qwen2.5-VL: decoder shard (TP, PP stage) + tower on the first stage."""
+def build_qwen2_5_vl_model(
+    hf_config: dict, arch, ctx, cfg: ModelConfig, *, returns_hidden_states: bool = False
+) -> Qwen2_5_VLModel:
+    """This rank's part of Qwen2.5-VL: decoder shard (TP, PP stage) + tower on the first stage.
+
+    ``returns_hidden_states``: the decoder's last stage returns hidden states, not logits
+    (``qwen2.build_qwen2_model``)."""
     from megatron_metis.models.qwen2 import build_qwen2_model
 
     if not arch.mrope_section:
         raise ConfigError("a Qwen2.5-VL config.json needs rope_parameters.mrope_section")
-    language_model = build_qwen2_model(arch, ctx, cfg)
+    language_model = build_qwen2_model(arch, ctx, cfg, returns_hidden_states=returns_hidden_states)
     vision = build_vision_tower(hf_config, cfg).to(ctx.device) if ctx.is_first_stage else None
     return Qwen2_5_VLModel(language_model, vision, vision_tokens_of(hf_config))
 

@@ -8,10 +8,11 @@ that the caller computes with ``global_count``; DDP averages gradients over DP, 
 multiplies each loss by the DP size: the result is exactly the gradient of the globally
 normalised loss, whatever the split over micro-batches and ranks.
 
-With ``train.logprob_impl=fused`` the model's last stage returns its hidden states instead of
-logits (``models.output_head``) and ``logprobs`` computes them with the fused kernel: a loss
-function receives ``hidden_BSH`` where it would receive ``logits_BSv`` and passes it on to
-``logprobs`` unchanged, so loss functions work the same in both modes.
+With ``train.logprob_impl=fused`` the model is built so that its last stage returns its hidden
+states instead of logits (``setup.build_policy_model``, ``models.output_head``) and
+``logprobs`` computes them with the fused kernel: a loss function receives ``hidden_BSH`` where
+it would receive ``logits_BSv`` and passes it on to ``logprobs`` unchanged, so loss functions
+work the same in both modes.
 
 Legend: B rows, S positions, v local vocabulary columns, H hidden size.
 """
@@ -31,7 +32,6 @@ from megatron_metis.config import MetisConfig
 from megatron_metis.models.arch import Qwen2Arch
 from megatron_metis.models.forward import Microbatch, run_pipeline
 from megatron_metis.models.output_head import (
-    install_hidden_state_head,
     kernel_reduces_grad_hidden,
     output_weight,
     returns_hidden_states,
@@ -67,7 +67,9 @@ class TrainEngine:
     """The policy being trained, wrapped for DP, with its optimizer.
 
     Attributes:
-        module: the bare model (``GPTModel`` or ``Qwen2_5_VLModel``): checkpoints, export.
+        module: the bare model (``GPTModel`` or ``Qwen2_5_VLModel``): checkpoints, export. Its
+            output must be the one ``train.logprob_impl`` asks for: hidden states (built with
+            ``returns_hidden_states=True``) under ``fused``, logits otherwise.
         ddp: the same model inside Megatron's ``DistributedDataParallel``: forward/backward.
     """
 
@@ -86,11 +88,13 @@ class TrainEngine:
             finalize_model_grads,
         )
 
+        fused = cfg.train.logprob_impl == "fused"
+        if returns_hidden_states(module) != fused:
+            raise ValueError(
+                f"train.logprob_impl={cfg.train.logprob_impl} needs a model built with "
+                f"returns_hidden_states={fused} (trainer.setup.build_policy_model)"
+            )
         self.module, self.arch, self.ctx, self.cfg = module, arch, ctx, cfg
-        _expose_language_model_attrs(module)
-        self.fused_logprobs = cfg.train.logprob_impl == "fused"
-        if self.fused_logprobs:
-            install_hidden_state_head(module)
         self.total_steps = total_steps
         use_dist_opt = (
             cfg.optimizer.use_distributed_optimizer and ctx.dp > 1 and ctx.device.type == "cuda"
@@ -133,12 +137,6 @@ class TrainEngine:
         if not hasattr(self.module, "position_ids"):
             return None
         return lambda ids, grid: self.module.position_ids(ids, grid)
-
-    def match_output(self, model: torch.nn.Module) -> None:
-        """Give another model of this engine's layout (the KL reference model) the engine's
-        output: hidden states under ``train.logprob_impl=fused``, logits otherwise."""
-        if self.fused_logprobs:
-            install_hidden_state_head(model)
 
     def logprobs(
         self,
@@ -208,19 +206,3 @@ class TrainEngine:
         output is logits or hidden states, as ``logprobs`` takes it."""
         self.ddp.eval()
         return run_pipeline(self.ddp, self.ctx, microbatches, fn, forward_only=True)
-
-
-def _expose_language_model_attrs(module: torch.nn.Module) -> None:
-    """Let ``finalize_model_grads`` find the decoder's embedding attributes on a wrapper.
-
-    Megatron's tied-embedding gradient all-reduce (PP > 1) looks up ``pre_process``,
-    ``share_embeddings_and_output_weights`` and ``shared_embedding_or_output_weight`` on the
-    model it is given; ``Qwen2_5_VLModel`` keeps them on its ``language_model``.
-    """
-    inner = getattr(module, "language_model", None)
-    if inner is None or hasattr(module, "pre_process"):
-        return
-    module.pre_process = inner.pre_process
-    module.post_process = inner.post_process
-    module.share_embeddings_and_output_weights = inner.share_embeddings_and_output_weights
-    module.shared_embedding_or_output_weight = inner.shared_embedding_or_output_weight

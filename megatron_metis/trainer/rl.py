@@ -27,7 +27,12 @@ from megatron_metis.trainer.rollout_io import (
     probe_sample,
     sync_weights,
 )
-from megatron_metis.trainer.setup import Runtime, broadcast_from_generator, build_runtime
+from megatron_metis.trainer.setup import (
+    Runtime,
+    broadcast_from_generator,
+    build_policy_model,
+    build_runtime,
+)
 from megatron_metis.trainer.sft import export_hf
 from megatron_metis.trainer.state import DataCursor, TrainState
 
@@ -213,11 +218,7 @@ def _test_problems(rt: Runtime) -> list[Problem]:
 
 def _reference_model(rt: Runtime):
     """The frozen starting policy, for the KL penalty (only built when ``grpo.kl_coef > 0``)."""
-    from megatron_metis.checkpoint import load_hf_weights
-    from megatron_metis.models import build_model, read_hf_config
-
-    model, arch = build_model(read_hf_config(rt.hf_dir), rt.ctx, rt.cfg.model, source=rt.hf_dir)
-    load_hf_weights(model, rt.ctx, arch, rt.hf_dir)
+    model, _ = build_policy_model(rt.cfg, rt.ctx, rt.hf_dir)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -262,10 +262,9 @@ def attach_logprobs(
     """Forward-only pass of ``model`` over every micro-batch; stores its log-probs ``[b, S]``
     in the micro-batch's loss inputs under ``key`` (on the last stage, where the loss runs).
 
-    ``model`` is first given the engine's output mode (``train.logprob_impl``), so that under
-    ``fused`` the reference model's log-probs skip the logits too.
+    ``model`` gives logits or hidden states, as it was built (``setup.build_policy_model``:
+    under ``train.logprob_impl=fused`` the reference model's log-probs skip the logits too).
     """
-    engine.match_output(model)
 
     def fn(output, inputs):
         lp, _ = engine.logprobs(output, inputs["labels"], temperature=temperature, model=model)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron_metis.algorithms.sft import ChatTokenIds
 from megatron_metis.checkpoint import load_hf_weights
 from megatron_metis.config import ConfigError, MetisConfig, save_resolved_config
-from megatron_metis.models import build_model, read_hf_config
+from megatron_metis.models import Qwen2Arch, build_model, read_hf_config
 from megatron_metis.models.specs import use_transformer_engine
 from megatron_metis.parallel import ParallelContext, init_parallel
 from megatron_metis.trainer.checkpointing import find_latest_checkpoint, load_train_checkpoint
@@ -72,6 +72,26 @@ def check_packing_supported(cfg: MetisConfig, device: torch.device) -> None:
         )
 
 
+def build_policy_model(
+    cfg: MetisConfig, ctx: ParallelContext, hf_dir: str | Path
+) -> tuple[torch.nn.Module, Qwen2Arch]:
+    """This rank's shard of the policy's model with the weights of ``hf_dir``, for the engine
+    (and the KL reference model, which must give the same output).
+
+    Its last stage returns what ``TrainEngine.logprobs`` takes under ``train.logprob_impl``:
+    hidden states for the fused kernel under ``fused``, logits otherwise.
+    """
+    module, arch = build_model(
+        read_hf_config(hf_dir),
+        ctx,
+        cfg.model,
+        source=hf_dir,
+        returns_hidden_states=cfg.train.logprob_impl == "fused",
+    )
+    load_hf_weights(module, ctx, arch, hf_dir)
+    return module, arch
+
+
 def build_runtime(
     cfg: MetisConfig, *, phase: str, total_steps: int
 ) -> tuple[Runtime, TrainState | None]:
@@ -94,8 +114,7 @@ def build_runtime(
     processor = build_vl_processor(
         tokenizer, min_pixels=cfg.data.image_min_pixels, max_pixels=cfg.data.image_max_pixels
     )
-    module, arch = build_model(read_hf_config(hf_dir), ctx, cfg.model, source=hf_dir)
-    load_hf_weights(module, ctx, arch, hf_dir)
+    module, arch = build_policy_model(cfg, ctx, hf_dir)
     engine = TrainEngine(module, arch, ctx, cfg, total_steps=total_steps)
     runtime = Runtime(
         cfg=cfg,

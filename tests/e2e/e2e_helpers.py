@@ -16,16 +16,6 @@ from megatron_metis.rewards.verifier import GoldCache, Verdict
 TIMEOUT_ANSWER = "<think> x </think><answer> $\\boxed{\\sqrt{49}}$ </answer>"
 
 
-def write_assets(root: Path) -> tuple[str, str]:
-    """A small tiny Qwen2.5-VL and a synthetic dataset under ``root``."""
-    from megatron_metis.data.synth import write_synthetic_dataset
-    from megatron_metis.models.tiny import build_tiny_qwen2_5_vl
-
-    hf = build_tiny_qwen2_5_vl(root / "hf", hidden_size=64, num_layers=2)
-    write_synthetic_dataset(root / "data", n=40, seed=0)
-    return str(hf), str(root / "data")
-
-
 def base_overrides(hf_dir: str, data: str, out: str) -> list[str]:
     return [
         f"model.hf_dir={hf_dir}",

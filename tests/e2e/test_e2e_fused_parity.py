@@ -4,7 +4,7 @@ path, same seed, gives the same per-step losses and metrics.
 
 The runs exercise every log-prob consumer of the RL loop under ``fused``: the clipped loss,
 the old log-probs of ``grpo.num_update_steps=2``, the KL reference model (``grpo.kl_coef``;
-``attach_logprobs`` gives it the hidden-state head) and the weight-stream check
+``build_policy_model`` gives it the hidden-state head) and the weight-stream check
 (``rollout.verify_weights=logprobs``). The policy's weights differ between the runs only by
 fp32 summation order, so the sampled responses (same seeds) are the same.
 
@@ -21,7 +21,8 @@ difference 6.7e-8; clip_frac and rewards identical; the CP=2 run alike.
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import rl_worker, write_assets
+from e2e_helpers import rl_worker
+from tiny_models import write_tiny_assets
 
 from megatron_metis.parallel import spawn
 
@@ -37,7 +38,7 @@ terms, about 15x the largest measured difference (6.7e-8)."""
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e_fused")
-    hf, data = write_assets(root)
+    hf, data = write_tiny_assets(root)
     return {"hf": hf, "data": data, "root": root}
 
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_helpers import base_overrides, write_assets
+from e2e_helpers import base_overrides
+from tiny_models import write_tiny_assets
 
 from megatron_metis.trainer.metrics import read_metrics
 
@@ -47,7 +48,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e_resume")
-    hf, data = write_assets(root)
+    hf, data = write_tiny_assets(root)
     return {"hf": hf, "data": data, "root": root}
 
 

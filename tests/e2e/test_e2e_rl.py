@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_helpers import probe_worker, rl_worker, write_assets
+from e2e_helpers import probe_worker, rl_worker
+from tiny_models import write_tiny_assets
 
 from megatron_metis.parallel import spawn
 
@@ -15,7 +16,7 @@ from megatron_metis.parallel import spawn
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e_rl")
-    hf, data = write_assets(root)
+    hf, data = write_tiny_assets(root)
     return {"hf": hf, "data": data, "root": root}
 
 

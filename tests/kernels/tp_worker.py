@@ -73,17 +73,12 @@ def _check_grpo(impl: str, rank: int) -> None:
     assert_grads_close(grad_shard, grad_weight_ref[rank * rows : (rank + 1) * rows], torch.float32)
 
 
-def run_rank(rank: int, world_size: int, port: int, impl: str) -> None:
-    """Entry point of ``torch.multiprocessing.start_processes``."""
+def run_rank(impl: str) -> None:
+    """Entry point of ``megatron_metis.parallel.spawn`` (RANK, WORLD_SIZE, MASTER_* are set)."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
+        rank = dist.get_rank()
         _check_logprob(impl, rank, reduce_grad_hidden=True)
         _check_logprob(impl, rank, reduce_grad_hidden=False)
         _check_grpo(impl, rank)

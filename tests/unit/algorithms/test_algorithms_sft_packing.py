@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from megatron_metis.algorithms.aggregation import local_loss_normalisers
@@ -19,16 +18,10 @@ from megatron_metis.algorithms.sft import (
     next_token_targets,
     sft_loss,
 )
-from megatron_metis.data.tokenizer import build_tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
-def _ids(tok, messages) -> torch.Tensor:
-    return torch.tensor(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+def _ids(tiny_tokenizer, messages) -> torch.Tensor:
+    return torch.tensor(tiny_tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
 
 
 CONV_A = [
@@ -44,38 +37,39 @@ CONV_B = [  # default system turn, an image in the user turn, two assistant turn
 ]
 
 
-def test_assistant_mask_on_a_packed_batch_of_two_conversations(tok):
-    chat = ChatTokenIds.from_tokenizer(tok)
-    a, b = _ids(tok, CONV_A), _ids(tok, CONV_B)
+def test_assistant_mask_on_a_packed_batch_of_two_conversations(tiny_tokenizer):
+    chat = ChatTokenIds.from_tokenizer(tiny_tokenizer)
+    a, b = _ids(tiny_tokenizer, CONV_A), _ids(tiny_tokenizer, CONV_B)
     # conversation A: 24 tokens of system/user turns and "<|im_start|>assistant\n", then the
     # answer tokens and <|im_end|> (positions 24..38), then the final "\n" (39)
     assert a.tolist()[19:24] == [chat.im_start_id, *chat.assistant_role_ids, chat.newline_id]
     assert len(a) == 40
-    row = pack_sequences([a, b], pad_id=tok.pad_token_id, pad_to_multiple=8)
+    row = pack_sequences([a, b], pad_id=tiny_tokenizer.pad_token_id, pad_to_multiple=8)
     mask_T = assistant_target_mask(row.tokens_T, chat, cu_seqlens_S1=row.cu_seqlens_S1)
     positions = torch.nonzero(mask_T).flatten().tolist()
     assert positions[:15] == list(range(24, 39))
-    assert tok.decode(row.tokens_T[24:39]) == "<think>a</think><answer>2</answer><|im_end|>"
+    answer = "<think>a</think><answer>2</answer><|im_end|>"
+    assert tiny_tokenizer.decode(row.tokens_T[24:39]) == answer
     # conversation B starts at 40: its two assistant turns, each with its <|im_end|>
     spans, start = [], None
     for p in positions[15:] + [-1]:
         if start is None:
             start, prev = p, p
         elif p != prev + 1:
-            spans.append(tok.decode(row.tokens_T[start : prev + 1]))
+            spans.append(tiny_tokenizer.decode(row.tokens_T[start : prev + 1]))
             start, prev = p, p
         else:
             prev = p
     assert spans == ["<answer>3</answer><|im_end|>", "yes<|im_end|>"]
-    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    image_pad = tiny_tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert not mask_T[row.tokens_T == image_pad].any()
     assert not mask_T[row.num_tokens :].any()  # padding
 
 
-def test_next_token_targets_do_not_cross_samples(tok):
-    chat = ChatTokenIds.from_tokenizer(tok)
-    a, b = _ids(tok, CONV_A), _ids(tok, CONV_B)
-    row = pack_sequences([a, b], pad_id=tok.pad_token_id)
+def test_next_token_targets_do_not_cross_samples(tiny_tokenizer):
+    chat = ChatTokenIds.from_tokenizer(tiny_tokenizer)
+    a, b = _ids(tiny_tokenizer, CONV_A), _ids(tiny_tokenizer, CONV_B)
+    row = pack_sequences([a, b], pad_id=tiny_tokenizer.pad_token_id)
     target_T = assistant_target_mask(row.tokens_T, chat, cu_seqlens_S1=row.cu_seqlens_S1)
     labels_T, loss_mask_T = next_token_targets(
         row.tokens_T, target_T, cu_seqlens_S1=row.cu_seqlens_S1
@@ -87,9 +81,9 @@ def test_next_token_targets_do_not_cross_samples(tok):
     assert int(loss_mask_T.sum()) == int(target_T.sum())
 
 
-def test_truncated_assistant_turn_is_a_target_to_the_end(tok):
-    chat = ChatTokenIds.from_tokenizer(tok)
-    ids = _ids(tok, CONV_A)[:30]
+def test_truncated_assistant_turn_is_a_target_to_the_end(tiny_tokenizer):
+    chat = ChatTokenIds.from_tokenizer(tiny_tokenizer)
+    ids = _ids(tiny_tokenizer, CONV_A)[:30]
     assert torch.nonzero(assistant_target_mask(ids, chat)).flatten().tolist() == list(range(24, 30))
 
 

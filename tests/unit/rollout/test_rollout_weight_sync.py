@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from megatron_metis.models.tiny import TinyTextSizes, init_tiny_model, tiny_qwen2_5_vl_config
 from megatron_metis.rollout.engine import TensorChecksum, tensor_checksum
 from megatron_metis.rollout.hf_engine import HFRolloutEngine
 from megatron_metis.rollout.weight_sync import (
@@ -110,18 +110,11 @@ def test_unknown_name_or_shape_is_rejected(tiny_tokenizer, tiny_model_factory):
 
 
 def test_vl_release_names_reach_the_transformers5_modules(tiny_tokenizer):
-    text = dict(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
+    sizes = TinyTextSizes(hidden_size=32, num_layers=1)
+    config = tiny_qwen2_5_vl_config(
+        tiny_tokenizer, sizes=sizes, vision_depth=1, vision_hidden_size=16
     )
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
-    engine = HFRolloutEngine(Qwen2_5_VLForConditionalGeneration(config), tiny_tokenizer)
+    engine = HFRolloutEngine(init_tiny_model(config), tiny_tokenizer)
     names = [
         "model.layers.0.self_attn.q_proj.weight",  # release layout
         "visual.blocks.0.attn.qkv.weight",

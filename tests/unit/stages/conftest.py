@@ -1,23 +1,17 @@
-"""Fixtures of the stage tests: the tiny tokenizer, a main-process verifier, a rollout client."""
+"""Fixtures of the stage tests: a main-process verifier, a rollout client."""
 
 from __future__ import annotations
 
 import pytest
 
 from megatron_metis.config.rewards import RewardConfig
-from megatron_metis.data.tokenizer import build_tiny_tokenizer
 from megatron_metis.rewards.scorer import RewardScorer
 from megatron_metis.rollout.client import RolloutClient
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
 @pytest.fixture()
-def make_model(tokenizer):
-    return lambda engine: RolloutClient(engine, tokenizer, system_prompt="S")
+def make_model(tiny_tokenizer):
+    return lambda engine: RolloutClient(engine, tiny_tokenizer, system_prompt="S")
 
 
 @pytest.fixture(scope="module")

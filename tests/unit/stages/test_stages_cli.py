@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megatron_metis.cli.main import main
 from megatron_metis.config import ConfigError, load_config
 from megatron_metis.data.io import read_jsonl
 from megatron_metis.data.synth import write_synthetic_dataset
+from megatron_metis.models.tiny import (
+    TinyTextSizes,
+    init_tiny_model,
+    save_tiny_model,
+    tiny_qwen2_config,
+)
 
 
 def test_stage_sections_load_and_validate():
@@ -42,22 +46,11 @@ def test_stage_sections_load_and_validate():
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, tokenizer):
+def hf_dir(tmp_path_factory, tiny_tokenizer):
+    sizes = TinyTextSizes(hidden_size=32, num_layers=1, max_position_embeddings=1024)
+    config = tiny_qwen2_config(vocab_size=len(tiny_tokenizer), sizes=sizes)
     out = tmp_path_factory.mktemp("tiny_qwen2")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_model(init_tiny_model(config, seed=0), out, tiny_tokenizer)
 
 
 def test_cli_triage_expert_eval(tmp_path, hf_dir, capsys):

@@ -7,7 +7,7 @@ row, a padding row, two micro-batches per step) through the trainer's own code:
 ``grpo_loss_fn`` (clipped loss at temperature 0.7, KL to reference log-probs), and a
 forward-only SFT loss. Compared: the old log-probs, every loss metric, the grad norm, every
 parameter's gradient (``main_grad``, this rank's shard), the parameters after the step (SGD)
-and the state-dict names (the hidden-state head keeps them).
+and the state-dict names (the hidden-state model keeps them).
 Models: a tiny Qwen2 with tied embeddings and a vocabulary of 131 (padded to 256, so the second
 TP rank's shard is mostly padding) and a tiny Qwen2.5-VL (untied, M-RoPE). Layouts: TP=1,
 TP=2, PP=2 (tied embeddings across stages: Megatron's embedding-gradient all-reduce).
@@ -82,13 +82,26 @@ def _samples(vocab: int, seed: int) -> list:
 
 
 def _engine(cfg, ctx):
-    from megatron_metis.checkpoint import load_hf_weights
-    from megatron_metis.models import build_model, read_hf_config
+    from megatron_metis.trainer.engine import TrainEngine
+    from megatron_metis.trainer.setup import build_policy_model
+
+    module, arch = build_policy_model(cfg, ctx, cfg.model.hf_dir)
+    return TrainEngine(module, arch, ctx, cfg, total_steps=1)
+
+
+def _refuses_other_output(engine, cfg) -> bool:
+    """``TrainEngine`` refuses ``engine``'s model under the other ``train.logprob_impl``."""
+    import dataclasses
+
     from megatron_metis.trainer.engine import TrainEngine
 
-    module, arch = build_model(read_hf_config(cfg.model.hf_dir), ctx, cfg.model)
-    load_hf_weights(module, ctx, arch, cfg.model.hf_dir)
-    return TrainEngine(module, arch, ctx, cfg, total_steps=1)
+    other = "logits" if cfg.train.logprob_impl == "fused" else "fused"
+    other_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, logprob_impl=other))
+    try:
+        TrainEngine(engine.module, engine.arch, engine.ctx, other_cfg, total_steps=1)
+    except ValueError as err:
+        return "returns_hidden_states" in str(err)
+    return False
 
 
 def _microbatches(engine, samples) -> list:
@@ -172,11 +185,13 @@ def parity_worker(hf_dirs: dict[str, str], out: str, tp: int, pp: int, loss_agg:
     ctx = None
     report: dict = {}
     for name, hf in hf_dirs.items():
-        runs = {}
+        runs, heads, refused = {}, {}, {}
         for impl in IMPLS:
             cfg = _config(hf, out, impl, tp, pp, loss_agg)
             ctx = ctx or init_parallel(cfg.parallel, seed=cfg.run.seed)
             engine = _engine(cfg, ctx)
+            heads[impl] = type(decoder_of(engine.module)).__name__
+            refused[impl] = _refuses_other_output(engine, cfg)
             samples = _samples(_token_bound(hf, engine.arch.vocab_size), seed=1)
             gen = torch.Generator().manual_seed(2)
             noise = {k: [torch.randn(2, 48, generator=gen) * 0.3 for _ in range(4)] for k in NOISE}
@@ -186,7 +201,9 @@ def parity_worker(hf_dirs: dict[str, str], out: str, tp: int, pp: int, loss_agg:
             "diffs": _compare(runs["fused"], runs["logits"]),
             "metrics": runs["logits"]["metrics"],
             "grad_norm": runs["logits"]["grad_norm"],
-            "head": type(getattr(decoder_of(engine.module), "output_layer", None)).__name__,
+            "heads": heads,
+            "output_layer": type(getattr(decoder_of(engine.module), "output_layer", None)).__name__,
+            "refused": refused,
             "last_stage": ctx.is_last_stage,
             "same_state_keys": runs["fused"]["state_keys"] == runs["logits"]["state_keys"],
         }
@@ -220,8 +237,10 @@ def test_fused_grpo_step_equals_logits_path(hf_dirs, tmp_path, layout):
         for model, r in report.items():
             print(layout, rank, model, {k: f"{v:.1e}" for k, v in r["diffs"].items()})
             assert r["grad_norm"] > 0 and r["same_state_keys"]
+            assert r["heads"] == {"logits": "GPTModel", "fused": "HiddenStateGPTModel"}
+            assert r["refused"] == {"logits": True, "fused": True}
             if r["last_stage"]:
-                assert r["head"] == "HiddenStateOutputLayer"
+                assert r["output_layer"] == "ColumnParallelLinear"  # weights and names kept
                 assert r["metrics"]["kl"] > 0 and r["metrics"]["tokens"] > 0
                 assert r["metrics"]["clip_frac"] > 0  # the noisy old log-probs clip some
             for key, diff in r["diffs"].items():

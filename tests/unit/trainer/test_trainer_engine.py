@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_worker import layout_worker, overrides, sync_worker, write_tiny
+from tiny_models import write_tiny_assets
+from trainer_worker import layout_worker, overrides, sync_worker
 
 from megatron_metis.algorithms.sft import ChatTokenIds
 from megatron_metis.config import load_config
@@ -35,7 +36,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_tiny")
-    hf, data = write_tiny(root)
+    hf, data = write_tiny_assets(root)
     return {"hf": hf, "data": data, "root": root}
 
 

@@ -89,22 +89,22 @@ def test_pipeline_recipe_and_its_phase_recipes_load(recipe, monkeypatch):
 TINY = [p for p in ALL_RECIPES if "tiny" in p.name]
 
 
-def _longest_synthetic_solution() -> int:
+def _longest_synthetic_solution(tokenizer) -> int:
     """Tokens of the longest expert solution over every synthetic category and difficulty."""
     from megatron_metis.data.synth.build import generate_rows
-    from megatron_metis.data.tokenizer import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
     rows = generate_rows(400, seed=0, difficulties=(1, 2, 3))
     return max(len(tokenizer(row["expert"])["input_ids"]) for row, _ in rows)
 
 
-def test_tiny_recipes_generate_long_enough_for_every_synthetic_solution(monkeypatch):
+def test_tiny_recipes_generate_long_enough_for_every_synthetic_solution(
+    monkeypatch, tiny_tokenizer
+):
     """A response cut at rollout.max_new_tokens has no answer and scores 0: with a limit below
     the longest solutions (64 < 71 tokens of a 9-shape count at difficulty 2), RL learned to
     write shorter, wrong counts and the evals could not score those problems at all."""
     monkeypatch.chdir(Path(__file__).resolve().parents[3])
-    longest = _longest_synthetic_solution()
+    longest = _longest_synthetic_solution(tiny_tokenizer)
     assert longest >= 60  # the count solutions list every shape: the bound is a real one
     for recipe in TINY:
         cfg = load_config(recipe)

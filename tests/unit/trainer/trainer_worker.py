@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from megatron_metis.algorithms import sft_loss
@@ -156,13 +154,3 @@ def sync_worker(hf_dir: str, data: str, out: str, tp: int) -> dict:
     result["errors"] = errors
     rt.ctx.destroy()
     return result
-
-
-def write_tiny(root: Path) -> tuple[str, str]:
-    """A small tiny model and synthetic data under ``root`` (for the spawned workers)."""
-    from megatron_metis.data.synth import write_synthetic_dataset
-    from megatron_metis.models.tiny import build_tiny_qwen2_5_vl
-
-    hf = build_tiny_qwen2_5_vl(root / "hf", hidden_size=64, num_layers=2)
-    write_synthetic_dataset(root / "data", n=40, seed=0)
-    return str(hf), str(root / "data")

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_vl import build_batches, hf_logits, make_tiny_qwen2_5_vl
+from tiny_models import make_tiny_qwen2_5_vl
+from vl_batches import build_batches, hf_logits
 from vl_worker import FREEZE, layout_worker
 
 from megatron_metis.checkpoint.hf_io import HFCheckpointReader
