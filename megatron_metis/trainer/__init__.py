@@ -7,7 +7,7 @@
     state.py          TrainState, DataCursor, RNG states
     checkpointing.py  training checkpoints (model, optimizer, RNG, data position) and resume
     metrics.py        JSONL + TensorBoard + progress bar
-    setup.py          process groups, tokenizer/processor, model, resume; object collectives
+    setup.py          process groups, tokenizer/processor, model, resume
     rollout_io.py     requests, weight streaming into the rollout engine and its checks, eval
     sft.py, sft_data.py   ``metis sft``
     rl.py, rl_steps.py    ``metis rl``: the loop and its named steps

@@ -16,6 +16,7 @@ from typing import Any
 
 from megatron_metis.config import ConfigError, MetisConfig
 from megatron_metis.data import Problem, load_problems, load_training_problems
+from megatron_metis.parallel import broadcast_from_generator, global_count
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.trainer import rl_steps as steps
 from megatron_metis.trainer.checkpointing import save_train_checkpoint
@@ -27,7 +28,7 @@ from megatron_metis.trainer.rollout_io import (
     probe_sample,
     sync_weights,
 )
-from megatron_metis.trainer.setup import Runtime, broadcast_from_generator, build_runtime
+from megatron_metis.trainer.setup import Runtime, build_runtime
 from megatron_metis.trainer.sft import export_hf
 from megatron_metis.trainer.state import DataCursor, TrainState
 
@@ -172,13 +173,13 @@ class _RLLoop:
 
     def update(self, samples: list[Any], step: int) -> dict[str, float]:
         """Policy update, or a skipped one when every group of every replica was filtered."""
-        engine = self.rt.engine
-        if engine.global_count(len(samples)) == 0:
+        ctx = self.rt.ctx
+        if global_count(ctx, len(samples)) == 0:
             return {"updates_applied": 0.0, "updates_skipped_empty_batch": 1.0}
         sums = steps.update_policy(self.rt, samples, step=step, ref_model=self.ref_model)
         metrics = steps.update_metrics(sums, self.rt.cfg.grpo.num_update_steps)
         metrics["updates_skipped_empty_batch"] = 0.0
-        metrics["_train_tokens"] = engine.global_count(sum(len(s) for s in samples))
+        metrics["_train_tokens"] = global_count(ctx, sum(len(s) for s in samples))
         return metrics
 
     def eval_due(self, step: int) -> bool:

@@ -26,12 +26,13 @@ from megatron_metis.algorithms import (
 from megatron_metis.config import MetisConfig
 from megatron_metis.data import Problem
 from megatron_metis.models.forward import Microbatch, gather_positions, run_pipeline
+from megatron_metis.parallel import from_last_stage, global_count, max_over_dp, sum_over_dp
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import Completion, logprob_temperature
 from megatron_metis.rollout.client import RolloutClient, sampling_params
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
 from megatron_metis.trainer.engine import LossFn, TrainEngine
-from megatron_metis.trainer.setup import Runtime, from_last_stage, max_over_dp, sum_over_dp
+from megatron_metis.trainer.setup import Runtime
 from megatron_metis.trainer.state import DataCursor
 
 
@@ -344,10 +345,10 @@ def update_policy(
     for k, mbs in enumerate(minibatches):
         part = samples[k * per : (k + 1) * per]
         norms = {
-            "tokens": engine.global_count(
-                sum(local_loss_normalisers(s.target_mask_L[1:])[0] for s in part)
+            "tokens": global_count(
+                rt.ctx, sum(local_loss_normalisers(s.target_mask_L[1:])[0] for s in part)
             ),
-            "seqs": engine.global_count(sum(1 for s in part if s.num_targets)),
+            "seqs": global_count(rt.ctx, sum(1 for s in part if s.num_targets)),
         }
         out = engine.train_step(mbs, grpo_loss_fn(engine, cfg, norms), step * n_updates + k)
         local: dict[str, float] = {}

@@ -17,6 +17,7 @@ import torch
 
 from megatron_metis.algorithms import local_loss_normalisers, sft_loss
 from megatron_metis.config import MetisConfig
+from megatron_metis.parallel import from_last_stage, global_count, sum_over_dp
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
 from megatron_metis.trainer.checkpointing import save_train_checkpoint
 from megatron_metis.trainer.engine import LossFn, TrainEngine
@@ -28,7 +29,7 @@ from megatron_metis.trainer.rollout_io import (
     probe_sample,
     sync_weights,
 )
-from megatron_metis.trainer.setup import Runtime, build_runtime, from_last_stage, sum_over_dp
+from megatron_metis.trainer.setup import Runtime, build_runtime
 from megatron_metis.trainer.sft_data import SFTDataset, load_sft_dataset
 from megatron_metis.trainer.state import DataCursor, TrainState
 
@@ -64,7 +65,7 @@ def sft_step(rt: Runtime, samples: list[Sample], step: int) -> dict[str, float]:
     engine, cfg = rt.engine, rt.cfg
     tokens = sum(local_loss_normalisers(s.target_mask_L[1:])[0] for s in samples)
     seqs = sum(1 for s in samples if s.num_targets)
-    norms = {"tokens": engine.global_count(tokens), "seqs": engine.global_count(seqs)}
+    norms = {"tokens": global_count(rt.ctx, tokens), "seqs": global_count(rt.ctx, seqs)}
     rows = step_rows(cfg, samples) or [[_empty_sample()]]
     mbs = build_microbatches(
         rows,
@@ -80,7 +81,7 @@ def sft_step(rt: Runtime, samples: list[Sample], step: int) -> dict[str, float]:
         sums["entropy"] += float(m["entropy_sum"])
     sums = sum_over_dp(rt.ctx, from_last_stage(rt.ctx, sums), with_cp=True)
     seconds = time.perf_counter() - start
-    total_tokens = engine.global_count(sum(len(s) for s in samples))
+    total_tokens = global_count(rt.ctx, sum(len(s) for s in samples))
     return {
         "loss": sums["nll"] / max(norms["tokens"], 1.0),
         "entropy": sums["entropy"] / max(norms["tokens"], 1.0),
@@ -88,7 +89,7 @@ def sft_step(rt: Runtime, samples: list[Sample], step: int) -> dict[str, float]:
         "lr": out.lr,
         "update_applied": float(out.applied),
         "num_loss_tokens": norms["tokens"],
-        "num_samples": engine.global_count(len(samples)),
+        "num_samples": global_count(rt.ctx, len(samples)),
         "num_rows": float(len(rows)),
         "tokens_per_s/train": total_tokens / seconds,
         "time/train_step": seconds,
