@@ -13,8 +13,10 @@ from megatron_metis.algorithms.sft import ChatTokenIds
 from megatron_metis.checkpoint import load_hf_weights
 from megatron_metis.config import ConfigError, MetisConfig, save_resolved_config
 from megatron_metis.models import build_model, read_hf_config
+from megatron_metis.models.forward import Microbatch
 from megatron_metis.models.specs import use_transformer_engine
 from megatron_metis.parallel import ParallelContext, init_parallel
+from megatron_metis.trainer.batching import Sample, build_microbatches, empty_sample
 from megatron_metis.trainer.checkpointing import find_latest_checkpoint, load_train_checkpoint
 from megatron_metis.trainer.engine import TrainEngine
 from megatron_metis.trainer.state import TrainState
@@ -42,6 +44,17 @@ class Runtime:
     @property
     def is_logger(self) -> bool:
         return self.ctx.rank == 0
+
+    def microbatches(self, rows: list[list[Sample]]) -> list[Microbatch]:
+        """The micro-batches of one optimizer step's rows; no rows (nothing to train on for
+        this replica) become one row of ``empty_sample``."""
+        return build_microbatches(
+            rows or [[empty_sample()]],
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            pad_id=int(self.tokenizer.pad_token_id or 0),
+            position_fn=self.engine.position_fn,
+            pad_to_multiple=self.engine.row_multiple,
+        )
 
 
 def prepare_hf_dir(cfg: MetisConfig) -> Path:
