@@ -113,16 +113,27 @@ def generate_and_score(
         "verifier_errors": float(scores.metrics.get("n_verifier_error", 0.0)),
         "time_generate": t1 - t0,
         "time_reward": t2 - t1,
-    }
-    for category in categories:
-        sums[f"responses_of:{category}"] = 0.0
-        sums[f"correct_of:{category}"] = 0.0
-    for n, problem in enumerate(p for p in problems for _ in range(g)):
-        if problem.category in categories:
-            sums[f"responses_of:{problem.category}"] += 1.0
-            sums[f"correct_of:{problem.category}"] += float(scores.accuracy[n])
+    } | _category_counts(problems, scores.accuracy, g, categories)
     maxima = {"response_length_max": float(lengths_N.max()) if len(completions) else 0.0}
     return groups, sums, maxima
+
+
+def _category_counts(
+    problems: Sequence[Problem],
+    accuracy_N: Sequence[float],
+    group_size: int,
+    categories: Sequence[str],
+) -> dict[str, float]:
+    """Responses and correct responses of each category (zeros included)."""
+    counts: dict[str, float] = {}
+    for category in categories:
+        counts[f"responses_of:{category}"] = 0.0
+        counts[f"correct_of:{category}"] = 0.0
+    for n, problem in enumerate(p for p in problems for _ in range(group_size)):
+        if problem.category in categories:
+            counts[f"responses_of:{problem.category}"] += 1.0
+            counts[f"correct_of:{problem.category}"] += float(accuracy_N[n])
+    return counts
 
 
 def collect_rollouts(
