@@ -96,8 +96,8 @@ class RLPhase:
         weight sync. The rollout engine and the scorer live on the generator rank (on the
         others ``self.rollout`` / ``self.scorer`` are None), the rest runs on every rank."""
         rt, cfg = self.rt, self.rt.cfg
-        start = time.perf_counter()
-        batch = None
+        t_start = time.perf_counter()
+        batch, train_tokens = None, 0.0
         if self.rollout is not None and self.scorer is not None:
             assert state.cursor is not None
             self.rollout.wake()  # awake after a weight stream; asleep after a skipped update
@@ -126,7 +126,7 @@ class RLPhase:
             sums = steps.update_policy(rt, samples, minibatches, step=state.step)
             metrics.update(steps.update_metrics(sums, cfg.grpo.num_update_steps))
             metrics["updates_skipped_empty_batch"] = 0.0
-            metrics["_train_tokens"] = global_count(rt.ctx, sum(len(s) for s in samples))
+            train_tokens = global_count(rt.ctx, sum(len(s) for s in samples))
         t_sync = time.perf_counter()
         if metrics["updates_applied"]:
             metrics.update(sync_weights(rt, self.rollout, self.probe))  # wakes the engine
@@ -138,8 +138,8 @@ class RLPhase:
             {
                 "time/train": train_s,
                 "time/weight_sync": end - t_sync,
-                "time/step": end - start,
-                "tokens_per_s/train": metrics.pop("_train_tokens", 0.0) / max(train_s, 1e-9),
+                "time/step": end - t_start,
+                "tokens_per_s/train": train_tokens / max(train_s, 1e-9),
             }
         )
         return metrics
