@@ -5,12 +5,13 @@
     logprobs.py       chunked vocab-parallel per-token log-probs (padding columns excluded)
     batching.py       samples -> packed rows -> micro-batches (block-diagonal attention)
     state.py          TrainState, DataCursor, RNG states
-    checkpointing.py  training checkpoints (model, optimizer, RNG, data position) and resume
+    checkpointing.py  training checkpoints (model, optimizer, RNG, data position), resume, HF export
     metrics.py        JSONL + TensorBoard + progress bar
-    setup.py          process groups, tokenizer/processor, model, resume; object collectives
+    setup.py          process groups, tokenizer/processor, model, resume
     rollout_io.py     requests, weight streaming into the rollout engine and its checks, eval
-    sft.py, sft_data.py   ``metis sft``
-    rl.py, rl_steps.py    ``metis rl``: the loop and its named steps
+    loop.py           the phase loop: logging, eval and checkpoint intervals, HF export
+    sft.py, sft_data.py   ``metis sft``: its phase (setup and step)
+    rl.py, rl_steps.py    ``metis rl``: its phase (setup and step) and the step's named steps
 
 Entry points: ``trainer.sft.run_sft(cfg)`` and ``trainer.rl.run_rl(cfg)`` (imported lazily:
 this package's ``__init__`` imports nothing heavy).

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_metis.algorithms.aggregation import local_loss_normalisers
 from megatron_metis.algorithms.packing import (
     block_causal_mask,
     cu_seqlens_from_lengths,
@@ -29,6 +30,7 @@ from megatron_metis.algorithms.packing import (
 )
 from megatron_metis.algorithms.sft import IGNORE_INDEX
 from megatron_metis.models.forward import Microbatch
+from megatron_metis.parallel import ParallelContext, global_count
 
 PositionFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """(token ids [1, L], image grids [n, 3] or None) -> position ids [3, 1, L] (Qwen2.5-VL)."""
@@ -60,6 +62,22 @@ class Sample:
     def num_targets(self) -> int:
         """Target tokens that some position predicts (token 0 is never predicted)."""
         return int(self.target_mask_L[1:].sum())
+
+
+def empty_sample() -> Sample:
+    """Two tokens, no target: the one sample of a replica that has nothing to train on in a
+    step (it still runs the step, whose collectives need every rank)."""
+    ids = torch.zeros(2, dtype=torch.long)
+    return Sample(token_ids_L=ids, target_mask_L=torch.zeros(2, dtype=torch.bool))
+
+
+def global_loss_normalisers(ctx: ParallelContext, samples: Sequence[Sample]) -> dict[str, float]:
+    """``tokens`` and ``seqs``: the target tokens and the sequences with a target of a batch,
+    summed over the data-parallel ranks (``num_global_tokens`` / ``num_global_seqs`` of the
+    losses)."""
+    tokens = sum(local_loss_normalisers(s.target_mask_L[1:])[0] for s in samples)
+    seqs = sum(1 for s in samples if s.num_targets)
+    return {"tokens": global_count(ctx, tokens), "seqs": global_count(ctx, seqs)}
 
 
 def pack_rows(samples: Sequence[Sample], *, max_tokens: int, pack: bool) -> list[list[Sample]]:

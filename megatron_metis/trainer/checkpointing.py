@@ -1,4 +1,5 @@
-"""Training checkpoints: model, optimizer, RNG, data position and step, resumed automatically.
+"""Training checkpoints: model, optimizer, RNG, data position and step, resumed automatically;
+and the Hugging Face export of the trained policy at the end of a phase.
 
 Layout under ``<run.output_dir>/checkpoints/``::
 
@@ -17,6 +18,9 @@ the previous or the new checkpoint, never a half one. Rerunning the same command
 ``latest`` (or from ``checkpoint.load_dir``). ``checkpoint.keep_last`` prunes older ones.
 Resuming needs the same TP/PP/DP layout for the optimizer and RNG state (the model alone can
 be loaded at any layout).
+
+``export_hf`` writes ``<run.output_dir>/hf``: the policy in the Hugging Face layout, which the
+next phase, vLLM and transformers load.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_metis.checkpoint import save_hf_checkpoint
 from megatron_metis.checkpoint.dist_ckpt import (
     load_model_checkpoint,
     read_checkpoint_meta,
@@ -102,6 +107,24 @@ def save_train_checkpoint(
         _prune(root, keep_last)
     dist.barrier()
     return ckpt_dir
+
+
+def export_hf(
+    engine: TrainEngine, output_dir: str | Path, *, hf_dir: str | Path, max_shard_size_mb: int
+) -> Path:
+    """Collective: write ``<output_dir>/hf``, the trained policy as a HF checkpoint (the next
+    phase's input), with the config, tokenizer and processor files of ``hf_dir``."""
+    out = Path(output_dir) / "hf"
+    save_hf_checkpoint(
+        engine.module,
+        engine.ctx,
+        engine.arch,
+        out,
+        side_files_from=hf_dir,
+        max_shard_bytes=max_shard_size_mb * 2**20,
+        overwrite=True,
+    )
+    return out
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -4,9 +4,9 @@
 pipeline schedule (any TP/PP), lets Megatron's DDP wrapper reduce the gradients over the
 data-parallel ranks (and the tied-embedding copies over the first and last stages), then clips
 and applies them. Losses are normalised by *global* counts (all micro-batches and DP ranks)
-that the caller computes with ``global_count``; DDP averages gradients over DP, so the step
-multiplies each loss by the DP size: the result is exactly the gradient of the globally
-normalised loss, whatever the split over micro-batches and ranks.
+that the caller computes with ``parallel.global_count``; DDP averages gradients over DP, so
+the step multiplies each loss by the DP size: the result is exactly the gradient of the
+globally normalised loss, whatever the split over micro-batches and ranks.
 
 With ``train.logprob_impl=fused`` the model is built so that its last stage returns its hidden
 states instead of logits (``setup.build_policy_model``, ``models.output_head``) and
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_metis.config import MetisConfig
 from megatron_metis.models.arch import Qwen2Arch
@@ -171,13 +170,6 @@ class TrainEngine:
         return vocab_parallel_logprobs(
             output_BSx, labels_BS, self.vocab_shard, temperature=temperature, chunk_tokens=chunk
         )
-
-    def global_count(self, value: float) -> float:
-        """Sum of a per-rank count over the data-parallel ranks."""
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        if self.ctx.dp > 1:
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return float(t[0])
 
     def train_step(
         self, microbatches: Sequence[Microbatch], loss_fn: LossFn, step: int

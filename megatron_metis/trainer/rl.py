@@ -4,22 +4,23 @@ One step, as in the paper: sample G responses per prompt with the rollout engine
 with the rule-based verifier (accuracy + format), normalise the rewards within each group,
 drop the groups whose rewards are all equal (and sample more prompts), update the policy with
 the clipped-higher policy loss averaged over tokens, and stream the new weights into the
-rollout engine. The named steps live in ``rl_steps``; this module is the loop.
+rollout engine. ``RLPhase.step`` is that step; the named steps it calls live in ``rl_steps``,
+and ``loop.run_phase`` runs it (logging, evaluation, checkpoints, export).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any
 
 from megatron_metis.config import ConfigError, MetisConfig
-from megatron_metis.data import Problem, load_problems, load_training_problems
+from megatron_metis.data import Problem, load_training_problems
+from megatron_metis.parallel import broadcast_from_generator, global_count
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.trainer import rl_steps as steps
-from megatron_metis.trainer.checkpointing import save_train_checkpoint
-from megatron_metis.trainer.metrics import MetricsLogger
+from megatron_metis.trainer.loop import run_phase
 from megatron_metis.trainer.rollout_io import (
     build_client,
     build_rollout,
@@ -27,13 +28,7 @@ from megatron_metis.trainer.rollout_io import (
     probe_sample,
     sync_weights,
 )
-from megatron_metis.trainer.setup import (
-    Runtime,
-    broadcast_from_generator,
-    build_policy_model,
-    build_runtime,
-)
-from megatron_metis.trainer.sft import export_hf
+from megatron_metis.trainer.setup import Runtime, build_policy_model
 from megatron_metis.trainer.state import DataCursor, TrainState
 
 log = logging.getLogger(__name__)
@@ -50,17 +45,12 @@ def run_rl(cfg: MetisConfig, *, scorer: RewardScorer | None = None) -> dict[str,
         raise ConfigError("metis rl needs train.max_steps >= 1 (rollout steps)")
     if not cfg.data.train_files:
         raise ConfigError("metis rl needs data.train_files")
-    total_updates = cfg.train.max_steps * cfg.grpo.num_update_steps
-    rt, state = build_runtime(cfg, phase="rl", total_steps=total_updates)
-    prompts, categories = _my_prompts(rt)
-    state = state or TrainState(
-        phase="rl", cursor=DataCursor(num_items=len(prompts), seed=cfg.run.seed + rt.ctx.dp_rank)
+    return run_phase(
+        cfg,
+        name="rl",
+        build=lambda rt, stack, _: RLPhase(rt, stack, scorer=scorer),
+        total_updates=cfg.train.max_steps * cfg.grpo.num_update_steps,
     )
-    with ExitStack() as stack:
-        loop = _RLLoop(rt, stack, prompts, scorer, categories)
-        final = loop.run(state)
-    export_hf(rt)
-    return final
 
 
 MAX_LOGGED_CATEGORIES = 32
@@ -78,19 +68,13 @@ def _my_prompts(rt: Runtime) -> tuple[list[Problem], list[str]]:
     return mine, categories if len(categories) <= MAX_LOGGED_CATEGORIES else []
 
 
-class _RLLoop:
-    """The rollout engine, reward scorer, reference model and logger of one RL run."""
+class RLPhase:
+    """The RL phase: its prompts, rollout engine, reward scorer and reference model."""
 
-    def __init__(
-        self,
-        rt: Runtime,
-        stack: ExitStack,
-        prompts: list[Problem],
-        scorer: RewardScorer | None,
-        categories: list[str],
-    ) -> None:
+    def __init__(self, rt: Runtime, stack: ExitStack, *, scorer: RewardScorer | None) -> None:
         cfg = rt.cfg
-        self.rt, self.prompts, self.categories = rt, prompts, categories
+        self.rt, self.total_steps = rt, cfg.train.max_steps
+        self.prompts, self.categories = _my_prompts(rt)
         self.rollout = build_rollout(rt)
         self.scorer = scorer
         if self.scorer is None and self.rollout is not None:
@@ -98,64 +82,28 @@ class _RLLoop:
         self.client = build_client(rt, self.rollout)
         self.probe = probe_sample(rt)
         self.ref_model = _reference_model(rt) if cfg.grpo.kl_coef > 0 else None
-        self.test_problems = _test_problems(rt)
         self.warned_truncation = False
 
-    def run(self, state: TrainState) -> dict[str, float]:
-        cfg, rt = self.rt.cfg, self.rt
-        logger = MetricsLogger(
-            cfg.run.output_dir,
-            cfg.logging,
-            phase="rl",
-            total_steps=cfg.train.max_steps,
-            initial_step=state.step,
-            enabled=rt.is_logger,
-        )
-        sync_weights(rt, self.rollout, self.probe)  # start (or resume) from the trainer's weights
-        metrics: dict[str, float] = {}
-        while state.step < cfg.train.max_steps:
-            metrics = self.step(state)
-            logger.log(state.step, metrics, force=state.step == cfg.train.max_steps)
-            self.maybe_save(state)
-        logger.close()
-        return metrics
+    def initial_state(self) -> TrainState:
+        seed = self.rt.cfg.run.seed + self.rt.ctx.dp_rank
+        return TrainState(phase="rl", cursor=DataCursor(num_items=len(self.prompts), seed=seed))
+
+    def start(self) -> None:
+        sync_weights(self.rt, self.rollout, self.probe)  # start (or resume) from the trainer's
 
     def step(self, state: TrainState) -> dict[str, float]:
-        """rollout -> rewards -> advantages -> filtering -> update -> weight stream."""
-        start = time.perf_counter()
-        batch = self.collect(state)
-        samples = steps.build_samples(batch, self.client, self.rt.cfg)
-        metrics = steps.rollout_metrics(self.rt, batch)
-        self.warn_truncation(metrics)
-        t_train = time.perf_counter()
-        metrics.update(self.update(samples, state.step))
-        t_sync = time.perf_counter()
-        if metrics["updates_applied"]:
-            metrics.update(sync_weights(self.rt, self.rollout, self.probe))
-        state.step += 1
-        state.consumed_samples += int(metrics["groups/sampled"])
-        if self.eval_due(state.step):
-            metrics.update(self.evaluate())
-        end = time.perf_counter()
-        metrics.update(
-            {
-                "time/train": t_sync - t_train,
-                "time/weight_sync": end - t_sync,
-                "time/step": end - start,
-                "tokens_per_s/train": metrics.pop("_train_tokens", 0.0)
-                / max(t_sync - t_train, 1e-9),
-            }
-        )
-        return metrics
-
-    def collect(self, state: TrainState) -> steps.RolloutBatch:
-        """Generate and score on the generator rank; the batch goes to its model-parallel group."""
-        batch = None
+        """generate -> score -> filter -> advantages -> old/reference log-probs -> update ->
+        weight sync. The rollout engine and the scorer live on the generator rank (on the
+        others ``self.rollout`` / ``self.scorer`` are None), the rest runs on every rank."""
+        rt, cfg = self.rt, self.rt.cfg
+        t_start = time.perf_counter()
+        batch, train_tokens = None, 0.0
         if self.rollout is not None and self.scorer is not None:
             assert state.cursor is not None
             self.rollout.wake()  # awake after a weight stream; asleep after a skipped update
+            # dynamic sampling: rounds of generate -> score -> filter until the batch is full
             batch = steps.collect_rollouts(
-                self.rt,
+                rt,
                 self.client,
                 self.scorer,
                 self.prompts,
@@ -164,9 +112,37 @@ class _RLLoop:
                 categories=self.categories,
             )
             self.rollout.sleep()  # free the accelerator for the update (vLLM sleep mode)
-        batch = broadcast_from_generator(self.rt.ctx, batch)
+        batch = broadcast_from_generator(rt.ctx, batch)
         state.cursor = batch.cursor
-        return batch
+        samples = steps.build_samples(batch, self.client, cfg)  # group-normalised advantages
+        metrics = steps.rollout_metrics(rt, batch)
+        self.warn_truncation(metrics)
+        t_train = time.perf_counter()
+        if global_count(rt.ctx, len(samples)) == 0:  # every group of every replica filtered
+            metrics.update({"updates_applied": 0.0, "updates_skipped_empty_batch": 1.0})
+        else:
+            minibatches = steps.minibatch_microbatches(rt, samples, cfg.grpo.num_update_steps)
+            steps.attach_old_and_ref_logprobs(rt, minibatches, self.ref_model)
+            sums = steps.update_policy(rt, samples, minibatches, step=state.step)
+            metrics.update(steps.update_metrics(sums, cfg.grpo.num_update_steps))
+            metrics["updates_skipped_empty_batch"] = 0.0
+            train_tokens = global_count(rt.ctx, sum(len(s) for s in samples))
+        t_sync = time.perf_counter()
+        if metrics["updates_applied"]:
+            metrics.update(sync_weights(rt, self.rollout, self.probe))  # wakes the engine
+        state.step += 1
+        state.consumed_samples += int(metrics["groups/sampled"])
+        end = time.perf_counter()
+        train_s = t_sync - t_train
+        metrics.update(
+            {
+                "time/train": train_s,
+                "time/weight_sync": end - t_sync,
+                "time/step": end - t_start,
+                "tokens_per_s/train": train_tokens / max(train_s, 1e-9),
+            }
+        )
+        return metrics
 
     def warn_truncation(self, metrics: dict[str, float]) -> None:
         """Once per run, on the logging rank."""
@@ -175,45 +151,10 @@ class _RLLoop:
             log.warning(warning)
             self.warned_truncation = True
 
-    def update(self, samples: list[Any], step: int) -> dict[str, float]:
-        """Policy update, or a skipped one when every group of every replica was filtered."""
-        engine = self.rt.engine
-        if engine.global_count(len(samples)) == 0:
-            return {"updates_applied": 0.0, "updates_skipped_empty_batch": 1.0}
-        sums = steps.update_policy(self.rt, samples, step=step, ref_model=self.ref_model)
-        metrics = steps.update_metrics(sums, self.rt.cfg.grpo.num_update_steps)
-        metrics["updates_skipped_empty_batch"] = 0.0
-        metrics["_train_tokens"] = engine.global_count(sum(len(s) for s in samples))
-        return metrics
-
-    def eval_due(self, step: int) -> bool:
-        interval, last = self.rt.cfg.train.eval_interval, self.rt.cfg.train.max_steps
-        return bool(self.test_problems) and (step == last or (interval and step % interval == 0))
-
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, problems: Sequence[Problem]) -> dict[str, float]:
         if self.rollout is not None:
             self.rollout.wake()
-        return evaluate(self.rt, self.client, self.scorer, self.test_problems)
-
-    def maybe_save(self, state: TrainState) -> None:
-        cfg = self.rt.cfg
-        interval = cfg.checkpoint.save_interval
-        if state.step == cfg.train.max_steps or (interval and state.step % interval == 0):
-            save_train_checkpoint(
-                self.rt.engine,
-                state,
-                cfg.run.output_dir,
-                hf_dir=self.rt.hf_dir,
-                keep_last=cfg.checkpoint.keep_last,
-            )
-
-
-def _test_problems(rt: Runtime) -> list[Problem]:
-    cfg = rt.cfg
-    if not cfg.data.test_files:
-        return []
-    loaded = load_problems(list(cfg.data.test_files), cfg.data, rt.tokenizer)
-    return loaded.problems[: cfg.train.eval_max_problems or len(loaded.problems)]
+        return evaluate(self.rt, self.client, self.scorer, problems)
 
 
 def _reference_model(rt: Runtime):

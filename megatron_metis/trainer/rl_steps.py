@@ -16,22 +16,17 @@ from typing import Any
 
 import torch
 
-from megatron_metis.algorithms import (
-    DynamicSampler,
-    group_advantages,
-    grpo_loss,
-    local_loss_normalisers,
-    shape_rewards,
-)
+from megatron_metis.algorithms import DynamicSampler, group_advantages, grpo_loss, shape_rewards
 from megatron_metis.config import MetisConfig
 from megatron_metis.data import Problem
 from megatron_metis.models.forward import Microbatch, gather_positions, run_pipeline
+from megatron_metis.parallel import from_last_stage, max_over_dp, sum_over_dp
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import Completion, logprob_temperature
 from megatron_metis.rollout.client import RolloutClient, sampling_params
-from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
+from megatron_metis.trainer.batching import Sample, global_loss_normalisers, pack_rows
 from megatron_metis.trainer.engine import LossFn, TrainEngine
-from megatron_metis.trainer.setup import Runtime, from_last_stage, max_over_dp, sum_over_dp
+from megatron_metis.trainer.setup import Runtime
 from megatron_metis.trainer.state import DataCursor
 
 
@@ -118,16 +113,27 @@ def generate_and_score(
         "verifier_errors": float(scores.metrics.get("n_verifier_error", 0.0)),
         "time_generate": t1 - t0,
         "time_reward": t2 - t1,
-    }
-    for category in categories:
-        sums[f"responses_of:{category}"] = 0.0
-        sums[f"correct_of:{category}"] = 0.0
-    for n, problem in enumerate(p for p in problems for _ in range(g)):
-        if problem.category in categories:
-            sums[f"responses_of:{problem.category}"] += 1.0
-            sums[f"correct_of:{problem.category}"] += float(scores.accuracy[n])
+    } | _category_counts(problems, scores.accuracy, g, categories)
     maxima = {"response_length_max": float(lengths_N.max()) if len(completions) else 0.0}
     return groups, sums, maxima
+
+
+def _category_counts(
+    problems: Sequence[Problem],
+    accuracy_N: Sequence[float],
+    group_size: int,
+    categories: Sequence[str],
+) -> dict[str, float]:
+    """Responses and correct responses of each category (zeros included)."""
+    counts: dict[str, float] = {}
+    for category in categories:
+        counts[f"responses_of:{category}"] = 0.0
+        counts[f"correct_of:{category}"] = 0.0
+    for n, problem in enumerate(p for p in problems for _ in range(group_size)):
+        if problem.category in categories:
+            counts[f"responses_of:{problem.category}"] += 1.0
+            counts[f"correct_of:{problem.category}"] += float(accuracy_N[n])
+    return counts
 
 
 def collect_rollouts(
@@ -228,28 +234,18 @@ def minibatch_microbatches(
     the collectives of the step).
     """
     cfg = rt.cfg
-    per = -(-len(samples) // num_minibatches) if samples else 0
     budget = cfg.train.max_tokens_per_row or max((len(s) for s in samples), default=8)
     out = []
-    for k in range(num_minibatches):
-        part = list(samples[k * per : (k + 1) * per])
+    for part in _minibatch_samples(samples, num_minibatches):
         rows = pack_rows(part, max_tokens=budget, pack=cfg.train.pack_sequences) if part else []
-        rows = rows or [[_empty_sample()]]
-        out.append(
-            build_microbatches(
-                rows,
-                micro_batch_size=cfg.train.micro_batch_size,
-                pad_id=int(rt.tokenizer.pad_token_id or 0),
-                position_fn=rt.engine.position_fn,
-                pad_to_multiple=rt.engine.row_multiple,
-            )
-        )
+        out.append(rt.microbatches(rows))
     return out
 
 
-def _empty_sample() -> Sample:
-    ids = torch.zeros(2, dtype=torch.long)
-    return Sample(token_ids_L=ids, target_mask_L=torch.zeros(2, dtype=torch.bool))
+def _minibatch_samples(samples: Sequence[Sample], num_minibatches: int) -> list[list[Sample]]:
+    """``samples`` cut into ``num_minibatches`` consecutive parts (the last ones may be empty)."""
+    per = -(-len(samples) // num_minibatches) if samples else 0
+    return [list(samples[k * per : (k + 1) * per]) for k in range(num_minibatches)]
 
 
 def attach_logprobs(
@@ -323,31 +319,36 @@ def grpo_loss_fn(engine: TrainEngine, cfg: MetisConfig, norms: Mapping[str, floa
     return loss_fn
 
 
+def attach_old_and_ref_logprobs(
+    rt: Runtime,
+    minibatches: Sequence[Sequence[Microbatch]],
+    ref_model: torch.nn.Module | None,
+) -> None:
+    """The frozen log-probs the loss compares against, before the first update: the behaviour
+    policy's (``old_logprobs``; only with ``grpo.num_update_steps > 1``, the later updates are
+    off-policy) and the reference model's (``ref_logprobs``, for the KL term)."""
+    engine, temperature = rt.engine, temperature_of(rt.cfg)
+    if len(minibatches) > 1:
+        attach_logprobs(engine, engine.ddp, minibatches, "old_logprobs", temperature)
+    if ref_model is not None:
+        attach_logprobs(engine, ref_model, minibatches, "ref_logprobs", temperature)
+
+
 def update_policy(
     rt: Runtime,
     samples: Sequence[Sample],
+    minibatches: Sequence[Sequence[Microbatch]],
     *,
     step: int,
-    ref_model: torch.nn.Module | None,
 ) -> dict[str, Any]:
-    """``grpo.num_update_steps`` optimizer steps over the batch; returns summed metrics."""
+    """One optimizer step per mini-batch (``minibatch_microbatches`` of ``samples``: the
+    ``grpo.num_update_steps`` updates of rollout step ``step``); returns summed metrics."""
     cfg, engine = rt.cfg, rt.engine
-    n_updates = cfg.grpo.num_update_steps
-    minibatches = minibatch_microbatches(rt, samples, n_updates)
-    if n_updates > 1:  # off-policy after the first update: freeze the behaviour log-probs
-        attach_logprobs(engine, engine.ddp, minibatches, "old_logprobs", temperature_of(cfg))
-    if ref_model is not None:
-        attach_logprobs(engine, ref_model, minibatches, "ref_logprobs", temperature_of(cfg))
-    per = -(-len(samples) // n_updates) if samples else 0
+    n_updates = len(minibatches)
+    parts = _minibatch_samples(samples, n_updates)
     sums: dict[str, float] = {"grad_norm": 0.0, "updates_applied": 0.0, "lr": 0.0}
-    for k, mbs in enumerate(minibatches):
-        part = samples[k * per : (k + 1) * per]
-        norms = {
-            "tokens": engine.global_count(
-                sum(local_loss_normalisers(s.target_mask_L[1:])[0] for s in part)
-            ),
-            "seqs": engine.global_count(sum(1 for s in part if s.num_targets)),
-        }
+    for k, (part, mbs) in enumerate(zip(parts, minibatches, strict=True)):
+        norms = global_loss_normalisers(rt.ctx, part)
         out = engine.train_step(mbs, grpo_loss_fn(engine, cfg, norms), step * n_updates + k)
         local: dict[str, float] = {}
         for m in out.microbatch_metrics:

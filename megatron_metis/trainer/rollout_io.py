@@ -21,6 +21,7 @@ from megatron_metis.checkpoint import export_hf_weights
 from megatron_metis.config import EvalConfig
 from megatron_metis.data import Problem
 from megatron_metis.models.forward import gather_positions
+from megatron_metis.parallel import broadcast_from_generator, from_last_stage, sum_over_dp
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import (
     RolloutEngine,
@@ -31,12 +32,7 @@ from megatron_metis.rollout import (
 )
 from megatron_metis.rollout.client import RolloutClient, sampling_params
 from megatron_metis.trainer.batching import Sample, build_microbatches
-from megatron_metis.trainer.setup import (
-    Runtime,
-    broadcast_from_generator,
-    from_last_stage,
-    sum_over_dp,
-)
+from megatron_metis.trainer.setup import Runtime
 
 
 def build_rollout(rt: Runtime) -> RolloutEngine | None:

@@ -1,9 +1,4 @@
-"""Start of a phase: process groups, tokenizer/processor, policy model, engine, resume.
-
-Also the few collectives on Python objects that the phases share (rank 0 of each model-parallel
-group does the generation and scoring; the result is broadcast to the other ranks of the
-group), and the reduction of metrics to the logging rank.
-"""
+"""Start of a phase: process groups, tokenizer/processor, policy model, engine, resume."""
 
 from __future__ import annotations
 
@@ -18,8 +13,10 @@ from megatron_metis.algorithms.sft import ChatTokenIds
 from megatron_metis.checkpoint import load_hf_weights
 from megatron_metis.config import ConfigError, MetisConfig, save_resolved_config
 from megatron_metis.models import Qwen2Arch, build_model, read_hf_config
+from megatron_metis.models.forward import Microbatch
 from megatron_metis.models.specs import use_transformer_engine
 from megatron_metis.parallel import ParallelContext, init_parallel
+from megatron_metis.trainer.batching import Sample, build_microbatches, empty_sample
 from megatron_metis.trainer.checkpointing import find_latest_checkpoint, load_train_checkpoint
 from megatron_metis.trainer.engine import TrainEngine
 from megatron_metis.trainer.state import TrainState
@@ -47,6 +44,17 @@ class Runtime:
     @property
     def is_logger(self) -> bool:
         return self.ctx.rank == 0
+
+    def microbatches(self, rows: list[list[Sample]]) -> list[Microbatch]:
+        """The micro-batches of one optimizer step's rows; no rows (nothing to train on for
+        this replica) become one row of ``empty_sample``."""
+        return build_microbatches(
+            rows or [[empty_sample()]],
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            pad_id=int(self.tokenizer.pad_token_id or 0),
+            position_fn=self.engine.position_fn,
+            pad_to_multiple=self.engine.row_multiple,
+        )
 
 
 def prepare_hf_dir(cfg: MetisConfig) -> Path:
@@ -134,58 +142,3 @@ def build_runtime(
         raise ValueError(f"{ckpt} is a {state.phase} checkpoint; this is a {phase} run")
     runtime.resumed_from = ckpt
     return runtime, state
-
-
-def mp_src_ranks(ctx: ParallelContext) -> tuple[int, int]:
-    """Global ranks of TP rank 0 in this rank's TP group and of stage 0 in its PP group."""
-    return dist.get_process_group_ranks(ctx.tp_group)[0], ctx.pp_ranks[0]
-
-
-def broadcast_from_generator(ctx: ParallelContext, obj: Any) -> Any:
-    """Send a Python object from the generator (TP rank 0, stage 0, CP rank 0) to the rest of
-    its replica: its TP, PP and CP peers."""
-    tp_src, pp_src = mp_src_ranks(ctx)
-    box = [obj]
-    if ctx.tp > 1:
-        dist.broadcast_object_list(box, src=tp_src, group=ctx.tp_group)
-    if ctx.pp > 1:
-        dist.broadcast_object_list(box, src=pp_src, group=ctx.pp_group)
-    if ctx.cp > 1:  # after TP and PP: every CP rank 0 holds it now
-        cp_src = dist.get_process_group_ranks(ctx.cp_group)[0]
-        dist.broadcast_object_list(box, src=cp_src, group=ctx.cp_group)
-    return box[0]
-
-
-def from_last_stage(ctx: ParallelContext, obj: Any) -> Any:
-    """Send a Python object from the last pipeline stage to all stages."""
-    if ctx.pp == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=ctx.pp_ranks[-1], group=ctx.pp_group)
-    return box[0]
-
-
-def sum_over_dp(
-    ctx: ParallelContext, values: dict[str, float], *, with_cp: bool = False
-) -> dict[str, float]:
-    """Sum a dict of floats (same keys on every rank) over the data-parallel ranks.
-
-    ``with_cp``: also over the context-parallel ranks, for sums a loss function took over
-    this rank's positions only (CP ranks of one replica share its samples otherwise).
-    """
-    size, group = (ctx.dp * ctx.cp, ctx.dp_cp_group) if with_cp else (ctx.dp, ctx.dp_group)
-    if size == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
-def max_over_dp(ctx: ParallelContext, values: dict[str, float]) -> dict[str, float]:
-    if ctx.dp == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.dp_group)
-    return dict(zip(keys, t.tolist(), strict=True))

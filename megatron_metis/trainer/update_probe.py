@@ -64,7 +64,8 @@ def probe_updates(
     before_N = response_logprobs(rt, samples)
     rows = []
     for k in range(updates):
-        steps.update_policy(rt, samples, step=k, ref_model=None)
+        minibatches = steps.minibatch_microbatches(rt, samples, 1)
+        steps.update_policy(rt, samples, minibatches, step=k)
         change_N = response_logprobs(rt, samples) - before_N
         rows.append(
             {

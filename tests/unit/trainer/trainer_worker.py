@@ -6,6 +6,7 @@ import torch
 
 from megatron_metis.algorithms import sft_loss
 from megatron_metis.config import load_config
+from megatron_metis.parallel import from_last_stage, global_count, sum_over_dp
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
 from megatron_metis.trainer.rollout_io import (
     build_rollout,
@@ -13,7 +14,7 @@ from megatron_metis.trainer.rollout_io import (
     sync_weights,
     trainer_logprobs,
 )
-from megatron_metis.trainer.setup import build_runtime, from_last_stage, sum_over_dp
+from megatron_metis.trainer.setup import build_runtime
 from megatron_metis.trainer.sft import sft_step
 from megatron_metis.trainer.sft_data import load_sft_dataset
 
@@ -49,7 +50,7 @@ def _loss_of(rt, samples: list[Sample], *, pack: bool) -> float:
         position_fn=engine.position_fn,
         pad_to_multiple=engine.row_multiple,
     )
-    ntok = engine.global_count(sum(s.num_targets for s in samples))
+    ntok = global_count(rt.ctx, sum(s.num_targets for s in samples))
 
     def fn(logits, inputs):
         lp, _ = engine.logprobs(logits, inputs["labels"])
