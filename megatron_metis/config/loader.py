@@ -32,6 +32,12 @@ name is an error naming the new one, never a silent alias, so no recipe keeps a 
 section that suggests it applies to a phase it does not (``train`` holds only keys that mean
 the same for SFT and RL; RL's batch is ``grpo.num_prompts_per_step * grpo.group_size``)."""
 
+REMOVED_KEYS: dict[str, str] = {
+    "rollout.weight_bucket_mb": "the weights stream into the rollout engine in one lazily "
+    "consumed pass, one tensor at a time (vLLM must see every layer's tensors in one reload)",
+}
+"""Keys that no longer exist: old dotted name -> why. An error that says so, not a silent no-op."""
+
 
 def build_dataclass(cls: type[T], raw: Mapping[str, Any] | None, *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a plain mapping, checking keys and types recursively.
@@ -67,9 +73,10 @@ def build_dataclass(cls: type[T], raw: Mapping[str, Any] | None, *, prefix: str 
 
 def _unknown_keys_message(keys: Sequence[str], valid: Iterable[str]) -> str:
     """One message for the unknown dotted ``keys`` of a section: moved keys name their new
-    place; the others are listed with the section's ``valid`` keys."""
+    place, removed keys say why; the others are listed with the section's ``valid`` keys."""
     parts = [f"{key} moved to {MOVED_KEYS[key]}" for key in keys if key in MOVED_KEYS]
-    unknown = ", ".join(key for key in keys if key not in MOVED_KEYS)
+    parts += [f"{key} was removed: {REMOVED_KEYS[key]}" for key in keys if key in REMOVED_KEYS]
+    unknown = ", ".join(key for key in keys if key not in MOVED_KEYS and key not in REMOVED_KEYS)
     if unknown:
         parts.append(f"unknown config key(s): {unknown} (valid: {', '.join(sorted(valid))})")
     return "; ".join(parts)

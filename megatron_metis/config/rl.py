@@ -88,8 +88,6 @@ class RolloutConfig:
     """Sequences per generation batch of the ``hf`` backend."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Weights of the rollout model (the streamed weights are cast to it)."""
-    weight_bucket_mb: int = 512
-    """Weight streaming sends buckets of at most this size (a larger tensor goes alone)."""
     verify_weights: Literal["checksum", "logprobs", "none"] = "checksum"
     """After each weight stream: ``checksum`` compares per-tensor checksums bucket by bucket;
     ``logprobs`` compares the engine's log-probs of a probe sequence with the trainer's
@@ -113,7 +111,6 @@ class RolloutConfig:
         for key in (
             "max_new_tokens",
             "generation_batch_size",
-            "weight_bucket_mb",
             "vllm_tensor_parallel_size",
         ):
             if getattr(self, key) < 1:

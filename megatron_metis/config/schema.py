@@ -15,7 +15,13 @@ from megatron_metis.config.engine import (
     ParallelConfig,
     RunConfig,
 )
-from megatron_metis.config.loader import apply_overrides, build_dataclass, dump_yaml, read_recipe
+from megatron_metis.config.loader import (
+    ConfigError,
+    apply_overrides,
+    build_dataclass,
+    dump_yaml,
+    read_recipe,
+)
 from megatron_metis.config.rewards import RewardConfig
 from megatron_metis.config.rl import GRPOConfig, RolloutConfig
 from megatron_metis.config.sft import SFTConfig
@@ -41,6 +47,16 @@ class MetisConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Checks across sections."""
+        vllm_tp, tp = self.rollout.vllm_tensor_parallel_size, self.parallel.tp
+        if self.rollout.backend == "vllm" and tp % vllm_tp:
+            raise ConfigError(
+                f"rollout.vllm_tensor_parallel_size={vllm_tp} must divide parallel.tp={tp}: one "
+                "vLLM engine is a block of consecutive ranks, and a block that is not inside one "
+                "tensor-parallel group spans data-parallel replicas, which sample different prompts"
+            )
 
 
 def load_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> MetisConfig:

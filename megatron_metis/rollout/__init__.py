@@ -19,7 +19,6 @@ from megatron_metis.rollout.weight_sync import (
     SyncReport,
     WeightSyncError,
     check_logprobs,
-    iter_buckets,
     stream_weights,
 )
 
@@ -33,7 +32,6 @@ __all__ = [
     "WeightSyncError",
     "build_rollout_engine",
     "check_logprobs",
-    "iter_buckets",
     "logprob_temperature",
     "stream_weights",
     "tensor_checksum",

@@ -133,9 +133,9 @@ class ScoredSample:
 class RolloutClient:
     """Turns problems into requests, samples them with one engine and scores the responses.
 
-    The one place where a problem becomes what an engine is given: engine-specific prompt
-    handling (for vLLM, one image placeholder per image with ``mm_processor_kwargs`` instead
-    of the processor's expanded pads) belongs in ``request``, nowhere else.
+    The one place where a problem becomes what an engine is given: a request carries the
+    prompt with its image placeholders expanded (the trainer, transformers) and with one
+    placeholder per image (vLLM, which expands them with the same pixel limits).
 
     Args:
         engine: the rollout engine; None where this rank only builds requests (a trainer rank
@@ -188,11 +188,16 @@ class RolloutClient:
         from megatron_metis.data.vl_inputs import encode_problems
 
         batch = encode_problems(self.processor, [problem], system_prompt=self.system_prompt)
+        messages = build_messages(problem, system_prompt=self.system_prompt)
+        placeholders = self.tokenizer(
+            render_prompt(self.tokenizer, messages), add_special_tokens=False
+        )["input_ids"]
         mm = None
         if batch.pixel_values_PC is not None:
             mm = {"pixel_values": batch.pixel_values_PC, "image_grid_thw": batch.image_grid_thw_N3}
         return RolloutRequest(
             prompt_ids=batch.input_ids_BS[0].tolist(),
+            placeholder_prompt_ids=list(placeholders),
             images=problem.load_images(),
             mm_inputs=mm,
             problem_id=problem.id,
@@ -291,7 +296,8 @@ def load_client(
 
     from megatron_metis.rollout.factory import build_rollout_engine
 
-    engine = build_rollout_engine(rollout, hf_dir, device=device)
+    pixels = (data.image_min_pixels, data.image_max_pixels)
+    engine = build_rollout_engine(rollout, hf_dir, device=device, image_pixels=pixels)
     tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(hf_dir)
     processor = None
     if AutoConfig.from_pretrained(hf_dir).model_type == "qwen2_5_vl":

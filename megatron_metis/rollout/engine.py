@@ -48,7 +48,9 @@ class RolloutRequest:
 
     Attributes:
         prompt_ids: chat-templated prompt token ids, image placeholders already expanded to
-            their ``<|image_pad|>`` count.
+            their ``<|image_pad|>`` count (what the trainer and ``HFRolloutEngine`` take).
+        placeholder_prompt_ids: the same prompt with one ``<|image_pad|>`` per image (what
+            vLLM takes: it expands them itself); None for a text-only prompt.
         images: decoded images (vLLM preprocesses them itself).
         mm_inputs: preprocessed vision inputs for transformers (``pixel_values``,
             ``image_grid_thw``), as the Qwen2.5-VL processor returns them for this prompt.
@@ -56,6 +58,7 @@ class RolloutRequest:
     """
 
     prompt_ids: Sequence[int]
+    placeholder_prompt_ids: Sequence[int] | None = None
     images: Sequence[Any] | None = None
     mm_inputs: dict[str, torch.Tensor] | None = None
     problem_id: str = ""
@@ -132,12 +135,17 @@ def tensor_checksum(name: str, tensor: torch.Tensor) -> TensorChecksum:
 class RolloutEngine(Protocol):
     """A generation engine colocated with the trainer.
 
-    Life cycle per RL step: ``wake()`` -> ``load_weights`` (streamed, bucket by bucket) ->
-    ``generate`` -> ``sleep()`` (free the GPU memory for the training step).
+    Life cycle per RL step (``trainer.rollout_io.RolloutSession``): ``wake(["weights"])`` ->
+    ``load_weights`` (the whole stream, when the policy changed or the engine dropped its
+    weights) -> ``wake(["kv_cache"])`` -> ``generate`` -> ``sleep()`` (free the accelerator
+    for the training step).
     """
 
     weight_dtype: torch.dtype
     """dtype the engine stores its weights in (streamed tensors are cast to it)."""
+    needs_weights: bool
+    """True when the engine holds no usable weights (vLLM after a level-2 sleep): the next
+    generation must be preceded by a weight stream."""
 
     def generate(
         self, requests: Sequence[RolloutRequest], params: SamplingParams
@@ -146,7 +154,8 @@ class RolloutEngine(Protocol):
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (HF name, full tensor) pairs into the engine's model."""
+        """Take the whole weight stream, (HF name, full tensor) pairs consumed lazily, in one
+        call (vLLM processes each layer once all its tensors have arrived)."""
         ...
 
     def checksum(self, names: Sequence[str]) -> list[TensorChecksum]:
@@ -163,4 +172,7 @@ class RolloutEngine(Protocol):
         """Release accelerator memory until ``wake``."""
         ...
 
-    def wake(self) -> None: ...
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Re-acquire what ``sleep`` released: all (None), or ``["weights"]`` (before a
+        stream) / ``["kv_cache"]`` (after it)."""
+        ...

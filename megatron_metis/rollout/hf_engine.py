@@ -75,6 +75,7 @@ class HFRolloutEngine:
         self._renames = _VL_RENAMES if self._is_vl else _TEXT_RENAMES
         self._calls = 0
         self._asleep = False
+        self.needs_weights = False
         eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.eos_ids = sorted(i for i in eos if isinstance(i, int) and i >= 0)
         pad = tokenizer.pad_token_id
@@ -134,7 +135,10 @@ class HFRolloutEngine:
             torch.cuda.empty_cache()
         self._asleep = True
 
-    def wake(self) -> None:
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """The model comes back with ``weights`` (or all); it has no KV cache to allocate."""
+        if tags is not None and "weights" not in tags:
+            return
         if self._asleep and self._device.type == "cuda":
             self.model.to(self._device)
         self._asleep = False

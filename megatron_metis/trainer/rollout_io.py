@@ -1,13 +1,18 @@
-"""Between the trainer and the rollout engine: its client, weight streaming and its checks, eval.
+"""Between the trainer and the rollout engine: its client, its session, weight streaming and
+its checks, eval.
 
-The rollout engine lives on the generator rank of each data-parallel replica (TP rank 0,
-stage 0; ``Runtime.is_generator``). Weight streaming is collective: every rank walks the
-``export_hf_weights`` stream (the TP/PP shards are gathered into full HF tensors one at a time),
-and the generator hands it, in buckets of at most ``rollout.weight_bucket_mb``, to its engine.
+Where engines live: ``hf`` on the generator rank of each data-parallel replica (TP rank 0,
+stage 0, CP rank 0; ``Runtime.is_generator``); ``vllm`` on every rank (SPMD, external launcher:
+blocks of ``rollout.vllm_tensor_parallel_size`` ranks inside one TP group form one engine, and
+they must make the same ``generate`` calls). Scoring, and every decision that depends on a
+score, happens on the generator alone and is broadcast to its replica, so no rank's verifier
+timeout can make the ranks of one vLLM engine call ``generate`` a different number of times.
 
+Weight streaming is collective: every rank walks the ``export_hf_weights`` stream (the TP/PP
+shards are gathered into full HF tensors one at a time), and each engine takes it in one call.
 Checks after each stream (``rollout.verify_weights``): ``checksum`` compares per-tensor
-checksums bucket by bucket; ``logprobs`` compares the engine's log-probs of a probe sequence
-with the trainer's. A mismatch raises ``WeightSyncError`` and stops the run.
+checksums; ``logprobs`` compares the engine's log-probs of a probe sequence with the trainer's.
+A mismatch raises ``WeightSyncError`` and stops the run.
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ from megatron_metis.trainer.setup import Runtime
 
 def build_rollout(rt: Runtime) -> RolloutEngine | None:
     """The rollout engine: ``hf`` on the generator rank (None elsewhere), ``vllm`` on every
-    rank (its tensor-parallel groups must be the trainer's TP groups: ranks with the same
-    data-parallel replica generate the same batch, and the generator's copy is kept).
-    """
+    rank (the module docstring)."""
     if rt.cfg.rollout.backend != "hf":
-        # vLLM is SPMD: every rank creates its share of a colocated engine (external launcher)
-        return build_rollout_engine(rt.cfg.rollout, rt.hf_dir, device=rt.ctx.device)
+        pixels = (rt.cfg.data.image_min_pixels, rt.cfg.data.image_max_pixels)
+        return build_rollout_engine(
+            rt.cfg.rollout, rt.hf_dir, device=rt.ctx.device, image_pixels=pixels
+        )
     if not rt.is_generator:
         return None
     from megatron_metis.rollout.hf_engine import HFRolloutEngine
@@ -82,8 +87,48 @@ def trainer_logprobs(rt: Runtime, samples: Sequence[Sample], temperature: float)
     return from_last_stage(rt.ctx, per_sample if rt.ctx.is_last_stage else None)
 
 
-def sync_weights(rt: Runtime, rollout: RolloutEngine | None, probe: Sample) -> dict[str, float]:
-    """Stream the policy into the rollout engine and check it; returns the sync metrics.
+class RolloutSession:
+    """The rollout engine across RL steps: whether it holds the policy, awake or asleep.
+
+    ``ready`` before every generation: ``wake(["weights"])`` -> the weight stream, when the
+    policy changed since the last one or the engine dropped its weights (vLLM's level-2
+    sleep) -> ``wake(["kv_cache"])`` -> the log-prob probe. ``release`` after it (the
+    accelerator goes to the training step). Collective: call both on every rank.
+    """
+
+    def __init__(self, rt: Runtime, engine: RolloutEngine | None, probe: Sample) -> None:
+        self.rt, self.engine, self.probe = rt, engine, probe
+        self.stale = True
+        """The engine does not hold the current policy (a fresh engine may hold random
+        weights; a resumed run's policy is the checkpoint's)."""
+
+    def policy_changed(self) -> None:
+        self.stale = True
+
+    def ready(self) -> dict[str, float]:
+        """Make the engine hold the current policy and be awake; the stream's metrics."""
+        engine = self.engine
+        if engine is not None:
+            engine.wake(["weights"])
+        dropped = broadcast_from_generator(self.rt.ctx, engine is not None and engine.needs_weights)
+        metrics: dict[str, float] = {}
+        if self.stale or dropped:
+            metrics = stream_policy(self.rt, engine)
+        if engine is not None:
+            engine.wake(["kv_cache"])
+        if metrics and self.rt.cfg.rollout.verify_weights == "logprobs":
+            metrics["weight_sync/probe_max_diff"] = probe_logprobs(self.rt, engine, self.probe)
+        self.stale = False
+        return metrics
+
+    def release(self) -> None:
+        if self.engine is not None:
+            self.engine.sleep()
+
+
+def stream_policy(rt: Runtime, rollout: RolloutEngine | None) -> dict[str, float]:
+    """Stream the policy into the rollout engine (checksums checked when configured); returns
+    the stream's metrics. Collective: every rank walks the export.
 
     Raises:
         WeightSyncError: the engine does not hold the trainer's weights.
@@ -93,35 +138,31 @@ def sync_weights(rt: Runtime, rollout: RolloutEngine | None, probe: Sample) -> d
     report = None
     error = None
     if rollout is not None:
-        rollout.wake()
         verify = "checksum" if cfg.verify_weights == "checksum" else "none"
         try:
-            report = stream_weights(
-                stream, rollout, bucket_bytes=cfg.weight_bucket_mb * 2**20, verify=verify
-            )
+            report = stream_weights(stream, rollout, verify=verify)
         except WeightSyncError as err:
             error = str(err)
-    for _ in stream:  # other ranks (and a generator that stopped early) finish the collective
+    for _ in stream:  # ranks without an engine (and an engine that failed) finish the collective
         pass
     error = broadcast_from_generator(rt.ctx, error)
     if error is not None:
         raise WeightSyncError(error)
-    metrics = report.as_metrics() if report is not None else {}
-    if cfg.verify_weights == "logprobs":
-        metrics["weight_sync/probe_max_diff"] = probe_logprobs(rt, rollout, probe)
-    return metrics
+    return report.as_metrics() if report is not None else {"weight_sync/tensors": 0.0}
 
 
 def probe_logprobs(rt: Runtime, rollout: RolloutEngine | None, probe: Sample) -> float:
-    """Compare the engine's and the trainer's log-probs of a fixed text sequence."""
+    """Compare the engine's and the trainer's log-probs of a fixed text sequence (on the
+    generator's engine; the other engines of a vLLM group score it too, in step)."""
     mine = trainer_logprobs(rt, [probe], 1.0)[0]
     error, worst = None, 0.0
     if rollout is not None:
         theirs = rollout.score([probe.token_ids_L.tolist()], temperature=1.0)[0]
-        try:
-            worst = check_logprobs(mine, theirs, atol=rt.cfg.rollout.verify_logprobs_atol)
-        except WeightSyncError as err:
-            error = str(err)
+        if rt.is_generator:
+            try:
+                worst = check_logprobs(mine, theirs, atol=rt.cfg.rollout.verify_logprobs_atol)
+            except WeightSyncError as err:
+                error = str(err)
     error, worst = broadcast_from_generator(rt.ctx, (error, worst))
     if error is not None:
         raise WeightSyncError(error)
@@ -152,9 +193,12 @@ def evaluate(
     cfg = rt.cfg
     mine = list(problems)[rt.ctx.dp_rank :: rt.ctx.dp]
     sums = {"n": 0.0, "accuracy": 0.0, "format": 0.0, "length": 0.0}
-    if client.engine is not None and scorer is not None and mine:
-        greedy = EvalConfig(mode="greedy", max_new_tokens=cfg.train.eval_max_new_tokens)
-        groups = client.sample_and_score(mine, sampling_params(cfg.rollout, greedy), scorer)
+    greedy = EvalConfig(mode="greedy", max_new_tokens=cfg.train.eval_max_new_tokens)
+    params = sampling_params(cfg.rollout, greedy)
+    if client.engine is not None and mine and not rt.is_generator:
+        client.generate(mine, params)  # a vLLM engine's other ranks generate in step
+    if client.engine is not None and scorer is not None and mine and rt.is_generator:
+        groups = client.sample_and_score(mine, params, scorer)
         samples = [s for group in groups for s in group]
         sums = {
             "n": float(len(mine)),

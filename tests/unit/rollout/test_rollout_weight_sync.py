@@ -1,5 +1,5 @@
-"""Weight streaming: bounded buckets, the engine then holds the trainer's weights; a corrupted
-bucket is caught by the checksum and by the log-prob probe."""
+"""Weight streaming: one lazily consumed stream, the engine then holds the trainer's weights; a
+corrupted tensor is caught by the checksum and by the log-prob probe."""
 
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from megatron_metis.rollout.hf_engine import HFRolloutEngine
 from megatron_metis.rollout.weight_sync import (
     WeightSyncError,
     check_logprobs,
-    iter_buckets,
     stream_weights,
 )
-
-BUCKET = 16 * 1024
 
 
 class CorruptingEngine:
@@ -51,11 +48,43 @@ def _stream(model):
         yield name, tensor.detach().clone()
 
 
-def test_iter_buckets_bounds_the_bucket_size():
-    sizes = [10, 20, 30, 100, 5, 5]  # fp32 elements -> 4 bytes each
-    stream = ((f"t{i}", torch.zeros(n)) for i, n in enumerate(sizes))
-    buckets = [[name for name, _ in b] for b in iter_buckets(stream, bucket_bytes=160)]
-    assert buckets == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]  # t3 (400 B) goes alone
+class RecordingEngine:
+    """Records when each tensor of the stream is pulled, relative to ``load_weights`` calls."""
+
+    weight_dtype = torch.float32
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.calls, self.pulled, self.stop_after = 0, [], stop_after
+
+    def load_weights(self, named_tensors):
+        self.calls += 1
+        for k, (name, _) in enumerate(named_tensors):
+            self.pulled.append((self.calls, name))
+            if self.stop_after is not None and k + 1 == self.stop_after:
+                return
+
+
+def test_the_stream_is_one_lazy_call():
+    """vLLM processes a layer once all its tensors arrived: one call takes the whole stream,
+    pulled one tensor at a time (the producer never has to hold two)."""
+    produced = []
+
+    def stream():
+        for i, n in enumerate([10, 20, 30, 100]):
+            produced.append(i)
+            assert len(produced) == len(engine.pulled) + 1  # pulled as soon as produced
+            yield f"t{i}", torch.zeros(n)
+
+    engine = RecordingEngine()
+    report = stream_weights(stream(), engine, verify="none")
+    assert engine.pulled == [(1, "t0"), (1, "t1"), (1, "t2"), (1, "t3")]
+    assert (report.num_tensors, report.total_bytes, report.max_tensor_bytes) == (4, 640, 400)
+
+
+def test_an_engine_that_stops_reading_is_an_error():
+    stream = ((f"t{i}", torch.zeros(2)) for i in range(5))
+    with pytest.raises(WeightSyncError, match="left 3 tensors unread"):
+        stream_weights(stream, RecordingEngine(stop_after=2), verify="none")
 
 
 def test_stream_then_engine_logprobs_equal_the_trainers(tiny_tokenizer, tiny_model_factory):
@@ -65,29 +94,28 @@ def test_stream_then_engine_logprobs_equal_the_trainers(tiny_tokenizer, tiny_mod
     before = engine.score([seq])[0]
     assert (before - _trainer_logprobs(trainer_model, seq)).abs().max() > 0.1
 
-    report = stream_weights(_stream(trainer_model), engine, bucket_bytes=BUCKET, verify="checksum")
-    n_tensors = len(trainer_model.state_dict())
-    assert report.num_tensors == n_tensors and report.num_buckets >= 5
+    report = stream_weights(_stream(trainer_model), engine, verify="checksum")
+    assert report.num_tensors == len(trainer_model.state_dict())
     embed_bytes = trainer_model.model.embed_tokens.weight.numel() * 4
-    assert report.max_bucket_bytes == embed_bytes  # > BUCKET: the only oversize bucket
+    assert report.max_tensor_bytes == embed_bytes
 
     after = engine.score([seq])[0]
     torch.testing.assert_close(after, _trainer_logprobs(trainer_model, seq), rtol=0, atol=1e-6)
     assert check_logprobs(_trainer_logprobs(trainer_model, seq), after, atol=1e-6) <= 1e-6
 
 
-def test_corrupted_bucket_is_caught_by_checksum(tiny_tokenizer, tiny_model_factory):
+def test_corrupted_tensor_is_caught_by_checksum(tiny_tokenizer, tiny_model_factory):
     target = "model.layers.1.mlp.down_proj.weight"
     engine = CorruptingEngine(HFRolloutEngine(tiny_model_factory(0), tiny_tokenizer), target)
-    with pytest.raises(WeightSyncError, match=r"bucket \d+, tensor 'model\.layers\.1\.mlp"):
-        stream_weights(_stream(tiny_model_factory(1)), engine, bucket_bytes=BUCKET)
+    with pytest.raises(WeightSyncError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj"):
+        stream_weights(_stream(tiny_model_factory(1)), engine)
 
 
 def test_corrupted_weights_are_caught_by_the_logprob_probe(tiny_tokenizer, tiny_model_factory):
     inner = HFRolloutEngine(tiny_model_factory(0), tiny_tokenizer)
     engine = CorruptingEngine(inner, "model.norm.weight")
     trainer_model = tiny_model_factory(1)
-    stream_weights(_stream(trainer_model), engine, bucket_bytes=BUCKET, verify="none")
+    stream_weights(_stream(trainer_model), engine, verify="none")
     seq = _probe(tiny_tokenizer)
     with pytest.raises(WeightSyncError, match="log-probs differ"):
         check_logprobs(_trainer_logprobs(trainer_model, seq), inner.score([seq])[0], atol=1e-5)
@@ -151,7 +179,7 @@ def test_build_rollout_engine_from_a_hf_folder(tmp_path, tiny_tokenizer, tiny_mo
         full.score([seq])[0], _trainer_logprobs(model, seq), rtol=0, atol=1e-5
     )
     bare = build_rollout_engine(cfg, tmp_path / "bare")
-    stream_weights(_stream(model), bare, bucket_bytes=BUCKET)
+    stream_weights(_stream(model), bare)
     torch.testing.assert_close(
         bare.score([seq])[0], _trainer_logprobs(model, seq), rtol=0, atol=1e-5
     )
