@@ -2,9 +2,11 @@
 
 Images go through transformers' Qwen2.5-VL image processor (smart resize between
 ``min_pixels`` and ``max_pixels``, 14x14 patches, 2x2 merge); prompts through the tokenizer's chat
-template with the system prompt. The PIL image processor is used because torchvision is not
-installed (it is the same algorithm), and ``Qwen2_5_VLProcessor`` is subclassed so that it
-accepts no video processor (its type check needs torchvision).
+template with the system prompt. The image processor is transformers' default for Qwen2.5-VL
+(its torchvision backend), the one vLLM's processor loads, so the trainer sees the pixels the
+rollout engine saw: the PIL backend resizes differently (a random 100x70 image resized to 112x56
+differs by up to 0.25 in normalised pixel values between the two backends). ``Qwen2_5_VLProcessor`` is subclassed so that it accepts no video
+processor (no model here reads video).
 
 Every problem is checked before the processor sees it, and errors name the sample: images that
 cannot be decoded, extreme aspect ratios, and a number of ``<|image_pad|>`` placeholders in the
@@ -24,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 from megatron_metis.data.messages import build_messages, render_prompt, smart_resize
 from megatron_metis.data.schema import ImageSource, Problem, open_image
@@ -42,7 +44,7 @@ class VLInputError(ValueError):
 
 
 class _Processor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` that accepts ``video_processor=None`` (no torchvision here)."""
+    """``Qwen2_5_VLProcessor`` that accepts ``video_processor=None`` (images only)."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument is None:
@@ -61,7 +63,7 @@ def build_vl_processor(
     """
     if not 0 < min_pixels <= max_pixels:
         raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     return _Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
