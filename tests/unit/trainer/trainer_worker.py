@@ -9,9 +9,10 @@ from megatron_metis.config import load_config
 from megatron_metis.parallel import from_last_stage, global_count, sum_over_dp
 from megatron_metis.trainer.batching import Sample, build_microbatches, pack_rows
 from megatron_metis.trainer.rollout_io import (
+    RolloutSession,
+    build_client,
     build_rollout,
     probe_sample,
-    sync_weights,
     trainer_logprobs,
 )
 from megatron_metis.trainer.setup import build_runtime
@@ -99,25 +100,44 @@ class CorruptingEngine:
         self.weight_dtype = inner.weight_dtype
 
     def load_weights(self, named_tensors):
-        out = []
-        for name, tensor in named_tensors:
-            if self.name_part in name:
-                tensor = tensor.clone()
-                tensor.view(-1)[0] += 0.5
-            out.append((name, tensor))
-        self.inner.load_weights(out)
+        def corrupted():
+            for name, tensor in named_tensors:
+                if self.name_part in name:
+                    tensor = tensor.clone()
+                    tensor.view(-1)[0] += 0.5
+                yield name, tensor
+
+        self.inner.load_weights(corrupted())
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
-def sync_worker(hf_dir: str, data: str, out: str, tp: int) -> dict:
-    """Train 2 steps, stream the weights, compare the engine's and the trainer's log-probs;
-    then stream through a corrupting engine under both checks."""
+VLLM_CPU_OVERRIDES = (
+    "rollout.vllm_overrides={enforce_eager: true, kv_cache_memory_bytes: 268435456, "
+    "max_model_len: 1024}"
+)
+"""vLLM on the CPU in tests: eager, a 256 MiB KV cache, prompts of the tiny tasks fit 1024."""
+
+
+def _backend_overrides(backend: str, verify: str) -> list[str]:
+    if backend == "hf":
+        return [f"rollout.verify_weights={verify}"]
+    return ["rollout.backend=vllm", "rollout.verify_weights=logprobs", VLLM_CPU_OVERRIDES]
+
+
+def sync_worker(hf_dir: str, data: str, out: str, tp: int, backend: str = "hf") -> dict:
+    """Train 2 steps, stream the weights into a ``backend`` engine, compare the engine's and the
+    trainer's log-probs (scored text; with vLLM also sampled responses to image and text
+    prompts); then stream through a corrupting engine under each check the backend has."""
+    from megatron_metis.data import load_problems
     from megatron_metis.rollout import WeightSyncError
 
     torch.set_num_threads(1)
-    cfg = load_config(None, overrides(hf_dir, data, out, f"parallel.tp={tp}"))
+    base = [f"parallel.tp={tp}", "rollout.max_new_tokens=12"]
+    cfg = load_config(
+        None, overrides(hf_dir, data, out, *base, *_backend_overrides(backend, "checksum"))
+    )
     rt, _ = build_runtime(cfg, phase="sft", total_steps=2)
     ds = load_sft_dataset(
         cfg.data.train_files, cfg.data, cfg.sft, processor=rt.processor, chat=rt.chat
@@ -126,7 +146,7 @@ def sync_worker(hf_dir: str, data: str, out: str, tp: int) -> dict:
         sft_step(rt, ds.samples(range(4)), step)
     rollout = build_rollout(rt)
     probe = probe_sample(rt)
-    result: dict = {"sync": sync_weights(rt, rollout, probe)}
+    result: dict = {"sync": RolloutSession(rt, rollout, probe).ready()}
     samples = ds.samples(range(3))
     mine = trainer_logprobs(rt, samples, 1.0)
     probe_mine = trainer_logprobs(rt, [probe], 1.0)[0]  # collective: every rank
@@ -140,18 +160,51 @@ def sync_worker(hf_dir: str, data: str, out: str, tp: int) -> dict:
             for a, b, s in zip(mine, theirs, samples, strict=True)
             if s.pixel_values_PC is None
         ]
+    if backend == "vllm":
+        problems = load_problems(list(cfg.data.train_files), cfg.data, rt.tokenizer).problems[:6]
+        result["gaps"] = _sampled_logprob_gaps(rt, build_client(rt, rollout), problems)
     errors = {}
-    for mode in ("checksum", "logprobs"):
+    for mode in ("checksum", "logprobs") if backend == "hf" else ("logprobs",):
         bad = CorruptingEngine(rollout, "layers.1.mlp.down_proj") if rollout is not None else None
         rt.cfg = load_config(
-            None,
-            overrides(hf_dir, data, out, f"parallel.tp={tp}", f"rollout.verify_weights={mode}"),
+            None, overrides(hf_dir, data, out, *base, *_backend_overrides(backend, mode))
         )
         try:
-            sync_weights(rt, bad, probe)
+            RolloutSession(rt, bad, probe).ready()
             errors[mode] = None
         except WeightSyncError as err:
             errors[mode] = str(err)
     result["errors"] = errors
     rt.ctx.destroy()
     return result
+
+
+def _sampled_logprob_gaps(rt, client, problems) -> dict[str, float]:
+    """Max |trainer - engine| log-prob of sampled response tokens (the RL step's
+    ``rollout_logprob_gap``), over the image prompts and over the text prompts."""
+    from megatron_metis.rollout.client import sampling_params
+
+    params = sampling_params(rt.cfg.rollout, n=2, seed=1)
+    completions = client.generate(problems, params)  # every rank: one vLLM engine per rank
+    samples = []
+    for c in completions:
+        req = client.request(problems[c.request_index])
+        ids = torch.tensor(list(req.prompt_ids) + c.token_ids)
+        mm = req.mm_inputs or {}
+        samples.append(
+            Sample(
+                token_ids_L=ids,
+                target_mask_L=torch.ones_like(ids, dtype=torch.bool),
+                pixel_values_PC=mm.get("pixel_values"),
+                image_grid_thw_N3=mm.get("image_grid_thw"),
+            )
+        )
+    trainer = trainer_logprobs(rt, samples, rt.cfg.rollout.temperature)
+    gaps = {"image": 0.0, "text": 0.0, "image_tokens": 0, "text_tokens": 0}
+    for c, lp, s in zip(completions, trainer, samples, strict=True):
+        kind = "image" if s.pixel_values_PC is not None else "text"
+        n = len(c.token_ids)
+        gap = (lp[-n:] - torch.tensor(c.logprobs)).abs().max()
+        gaps[kind] = max(gaps[kind], float(gap))
+        gaps[f"{kind}_tokens"] += n
+    return gaps
