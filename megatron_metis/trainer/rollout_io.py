@@ -101,6 +101,7 @@ class RolloutSession:
         self.stale = True
         """The engine does not hold the current policy (a fresh engine may hold random
         weights; a resumed run's policy is the checkpoint's)."""
+        self.release()  # a fresh engine holds its KV cache: the first stream must not
 
     def policy_changed(self) -> None:
         self.stale = True

@@ -208,3 +208,72 @@ def _sampled_logprob_gaps(rt, client, problems) -> dict[str, float]:
         gaps[kind] = max(gaps[kind], float(gap))
         gaps[f"{kind}_tokens"] += n
     return gaps
+
+
+class RecordingEngine:
+    """An HF rollout engine that records the session's calls; ``drops_weights`` makes ``sleep``
+    discard the weights as vLLM's level-2 sleep does."""
+
+    def __init__(self, inner, *, drops_weights: bool) -> None:
+        self.inner, self.drops_weights = inner, drops_weights
+        self.weight_dtype = inner.weight_dtype
+        self.needs_weights = False
+        self.calls: list[str] = []
+        self.awake = {"weights", "kv_cache"}
+
+    def wake(self, tags=None):
+        tags = list(tags) if tags is not None else ["weights", "kv_cache"]
+        self.calls.append("wake:" + "+".join(tags))
+        self.awake |= set(tags)
+
+    def sleep(self):
+        self.calls.append("sleep")
+        self.awake = set()
+        self.needs_weights = self.drops_weights
+
+    def load_weights(self, named_tensors):
+        assert "weights" in self.awake and "kv_cache" not in self.awake, self.awake
+        self.calls.append("load_weights")
+        self.inner.load_weights(named_tensors)
+        self.needs_weights = False
+
+    def score(self, sequences, *, temperature=1.0):
+        self.calls.append("score")
+        return self.inner.score(sequences, temperature=temperature)
+
+    def generate(self, requests, params):
+        assert self.awake == {"weights", "kv_cache"} and not self.needs_weights
+        self.calls.append("generate")
+        return self.inner.generate(requests, params)
+
+    def checksum(self, names):
+        return self.inner.checksum(names)
+
+
+def session_worker(hf_dir: str, data: str, out: str, drops_weights: bool) -> list[list[str]]:
+    """The calls a RolloutSession makes over: a first generation, one after an unchanged
+    policy, one after an update; each ``ready -> generate -> release``."""
+    from megatron_metis.data import load_problems
+    from megatron_metis.rollout.client import sampling_params
+    from megatron_metis.rollout.hf_engine import HFRolloutEngine
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, overrides(hf_dir, data, out, "rollout.verify_weights=logprobs"))
+    rt, _ = build_runtime(cfg, phase="sft", total_steps=1)
+    inner = HFRolloutEngine.from_pretrained(rt.hf_dir, cfg.rollout)
+    engine = RecordingEngine(inner, drops_weights=drops_weights)
+    session = RolloutSession(rt, engine, probe_sample(rt))
+    client = build_client(rt, engine)
+    problems = load_problems(list(cfg.data.train_files), cfg.data, rt.tokenizer).problems[:1]
+    params = sampling_params(cfg.rollout, n=1, seed=0)
+    steps = []
+    for policy_changed in (False, False, True):
+        if policy_changed:
+            session.policy_changed()
+        engine.calls.clear()
+        session.ready()
+        client.generate(problems, params)
+        session.release()
+        steps.append(list(engine.calls))
+    rt.ctx.destroy()
+    return steps
