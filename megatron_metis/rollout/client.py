@@ -162,6 +162,18 @@ class RolloutClient:
         self.processor = processor
         self._cache: dict[str, RolloutRequest] | None = {} if cache_requests else None
 
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the engine (``with load_client(...) as client:`` does it)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def request(self, problem: Problem) -> RolloutRequest:
         """The request of ``problem`` (``problem_id`` set; images with ``mm_inputs``).
 

@@ -176,3 +176,7 @@ class RolloutEngine(Protocol):
         """Re-acquire what ``sleep`` released: all (None), or ``["weights"]`` (before a
         stream) / ``["kv_cache"]`` (after it)."""
         ...
+
+    def close(self) -> None:
+        """Release the engine for good (vLLM: its process groups too)."""
+        ...

@@ -135,6 +135,9 @@ class HFRolloutEngine:
             torch.cuda.empty_cache()
         self._asleep = True
 
+    def close(self) -> None:
+        """Nothing to release beyond the model, which the garbage collector takes."""
+
     def wake(self, tags: Sequence[str] | None = None) -> None:
         """The model comes back with ``weights`` (or all); it has no KV cache to allocate."""
         if tags is not None and "weights" not in tags:

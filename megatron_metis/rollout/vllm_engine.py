@@ -39,15 +39,16 @@ request's generator when it discards the token sampled after a partial (chunked)
 CPU generators cannot rewind (``CPU Generator does not use offset``): on the CPU, chunked
 prefill is switched off, so no prefill is ever split and seeded sampling is reproducible.
 
-Log-probs are vLLM's ``processed_logprobs`` (after temperature; after top-p too when
-``top_p < 1``, unlike ``HFRolloutEngine``); the trainer recomputes its own, so these are the
-``rollout_logprob_gap`` diagnostic only.
+Log-probs (``_logprobs_mode``): at temperature 1 exactly the trainer's; the trainer recomputes
+its own anyway, so they are the ``rollout_logprob_gap`` diagnostic only. Text is decoded with
+special tokens kept, as ``HFRolloutEngine`` decodes it; vision tokens are never sampled.
 
 Not covered here: FP8 rollout weights, vLLM pipeline parallelism, LoRA.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -64,6 +65,18 @@ from megatron_metis.rollout.engine import (
 )
 
 WakeTag = Literal["weights", "kv_cache"]
+
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+"""Never sampled (as ``HFRolloutEngine`` suppresses them): a generated image placeholder has no
+pixels behind it, and the trainer's forward would fail on the sample."""
+
+
+def _logprobs_mode(temperature: float) -> str:
+    """Which log-probs vLLM reports. At temperature 1 (the recipes' RL setting) its raw ones:
+    ``log_softmax(logits)`` over the whole vocabulary, exactly what the trainer computes. At
+    another temperature its processed ones: tempered, but over what it samples from (the vision
+    tokens' mass removed; top-p applied), so they exceed the trainer's a little."""
+    return "raw_logprobs" if temperature == 1.0 else "processed_logprobs"
 
 
 class VLLMRolloutEngine:
@@ -101,7 +114,7 @@ class VLLMRolloutEngine:
             tensor_parallel_size=cfg.vllm_tensor_parallel_size,
             enable_sleep_mode=self.sleep_mode,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode=_logprobs_mode(cfg.temperature),
             enable_prefix_caching=False,
         )
         if current_platform.is_cpu():
@@ -114,6 +127,14 @@ class VLLMRolloutEngine:
             kwargs["mm_processor_kwargs"] = {"size": {"shortest_edge": low, "longest_edge": high}}
         kwargs.update(cfg.vllm_overrides)
         self.llm = vllm.LLM(**kwargs)
+        tokenizer = self.llm.get_tokenizer()
+        self.banned_ids = sorted(
+            {
+                tokenizer.convert_tokens_to_ids(t)
+                for t in VISION_TOKENS
+                if t in tokenizer.get_vocab()
+            }
+        )
         self.tied_embeddings = bool(
             getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False)
         )
@@ -132,6 +153,8 @@ class VLLMRolloutEngine:
             max_tokens=params.max_new_tokens,
             stop=list(params.stop),
             include_stop_str_in_output=True,
+            skip_special_tokens=False,  # the text of the tokens the trainer trains on, as HF's
+            logit_bias={i: -100.0 for i in self.banned_ids} or None,
             logprobs=0,
             seed=params.seed,
         )
@@ -273,6 +296,21 @@ class VLLMRolloutEngine:
                 torch.cuda.empty_cache()  # the trainer's cached blocks, for vLLM to allocate
             self.llm.wake_up(tags=sorted(waking))
         self._sleeping -= waking
+
+    def close(self) -> None:
+        """Shut the engine down and tear down vLLM's process groups, so that another engine
+        (the next pipeline stage's) can start in this process. vLLM's world wraps the job's
+        default group: it goes too (the trainer closes its engine last)."""
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        destroy_model_parallel()
+        destroy_distributed_environment()
 
 
 def _in_distributed_job() -> bool:

@@ -101,9 +101,11 @@ def triage_step(
         raise ValueError("triage needs prompts: set triage.data_files or data.train_files")
 
     def work(out: Path) -> dict[str, Any]:
-        client = load_client(ckpt, cfg.rollout, cfg.data, device=device)
-        problems = _problems(files, cfg, client.tokenizer)
-        with RewardScorer(cfg.rewards) as scorer:
+        with (
+            load_client(ckpt, cfg.rollout, cfg.data, device=device) as client,
+            RewardScorer(cfg.rewards) as scorer,
+        ):
+            problems = _problems(files, cfg, client.tokenizer)
             report = run_triage(
                 problems, client, scorer, cfg.triage, rollout=cfg.rollout, out_dir=out
             )
@@ -137,10 +139,18 @@ def expert_step(
             local_model=local,
             local_params=params,
         )
-        with RewardScorer(cfg.rewards) as scorer:
-            report = run_expert(
-                problems, source, scorer, keep_per_prompt=cfg.expert.keep_per_prompt, out_dir=out
-            )
+        try:
+            with RewardScorer(cfg.rewards) as scorer:
+                report = run_expert(
+                    problems,
+                    source,
+                    scorer,
+                    keep_per_prompt=cfg.expert.keep_per_prompt,
+                    out_dir=out,
+                )
+        finally:
+            if local is not None:
+                local.close()
         return {"accepted": report["accepted"], "rejected": report["rejected"]}
 
     inputs = stage_inputs(
@@ -193,9 +203,11 @@ def eval_step(
     names = dataset_names(files)
 
     def work(out: Path) -> dict[str, Any]:
-        client = load_client(ckpt, cfg.rollout, cfg.data, device=device)
-        datasets = {name: _problems([f], cfg, client.tokenizer) for name, f in names.items()}
-        with RewardScorer(cfg.rewards) as scorer:
+        with (
+            load_client(ckpt, cfg.rollout, cfg.data, device=device) as client,
+            RewardScorer(cfg.rewards) as scorer,
+        ):
+            datasets = {name: _problems([f], cfg, client.tokenizer) for name, f in names.items()}
             result = evaluate(
                 datasets,
                 client,

@@ -76,6 +76,8 @@ class RLPhase:
         self.rt, self.total_steps = rt, cfg.train.max_steps
         self.prompts, self.categories = _my_prompts(rt)
         self.rollout = build_rollout(rt)
+        if self.rollout is not None:
+            stack.callback(self.rollout.close)
         self.session = RolloutSession(rt, self.rollout, probe_sample(rt))
         self.scorer = scorer  # scoring happens on the generator only
         if self.scorer is None and rt.is_generator:

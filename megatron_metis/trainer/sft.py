@@ -114,6 +114,8 @@ class SFTPhase:
         if cfg.sft.global_batch_size % rt.ctx.dp:
             raise ValueError("sft.global_batch_size must be divisible by the data-parallel size")
         self.rollout = build_rollout(rt) if test_problems else None
+        if self.rollout is not None:
+            stack.callback(self.rollout.close)
         self.session = RolloutSession(rt, self.rollout, probe_sample(rt))
         self.scorer: RewardScorer | None = None
         if self.rollout is not None and rt.is_generator:

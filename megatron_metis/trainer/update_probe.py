@@ -51,6 +51,7 @@ def probe_updates(
     with ExitStack() as stack:
         rollout = build_rollout(rt)
         assert rollout is not None  # the only rank is the generator
+        stack.callback(rollout.close)
         scorer = scorer or stack.enter_context(RewardScorer(cfg.rewards))
         client = build_client(rt, rollout)
         session = RolloutSession(rt, rollout, probe_sample(rt))
