@@ -20,9 +20,6 @@ GPU_PLATFORM := x86_64-manylinux_2_28
 PYTEST_ARGS ?=
 DEMO_CATEGORIES := compare,tally
 DEMO := runs/demo
-# vLLM's CPU worker drops torch to 1 thread in its process unless OMP_NUM_THREADS is set: the
-# demo's trainer shares that process
-DEMO_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(shell nproc)
 
 .PHONY: install test test-slow test-latest lint lock demo clean
 
@@ -86,10 +83,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	# three disjoint problem sets: RL prompts + test, the warm-up's easy problems, a triage pool
-	$(DEMO_ENV) $(BIN)/metis data synth --out $(DEMO)/data --n 1000 --seed 0 --difficulties 1,2 --categories $(DEMO_CATEGORIES)
-	$(DEMO_ENV) $(BIN)/metis data synth --out $(DEMO)/warm --n 600 --seed 5 --difficulties 1 --categories $(DEMO_CATEGORIES) --test-frac 0 --exclude $(DEMO)/data/train.jsonl $(DEMO)/data/test.jsonl
-	$(DEMO_ENV) $(BIN)/metis data synth --out $(DEMO)/pool --n 1600 --seed 7 --difficulties 1,2 --categories $(DEMO_CATEGORIES) --test-frac 0 --exclude $(DEMO)/data/train.jsonl $(DEMO)/data/test.jsonl $(DEMO)/warm/train.jsonl
-	$(DEMO_ENV) $(BIN)/metis pipeline examples/recipes/pipeline-tiny-cpu.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out $(DEMO)/data --n 1000 --seed 0 --difficulties 1,2 --categories $(DEMO_CATEGORIES)
+	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out $(DEMO)/warm --n 600 --seed 5 --difficulties 1 --categories $(DEMO_CATEGORIES) --test-frac 0 --exclude $(DEMO)/data/train.jsonl $(DEMO)/data/test.jsonl
+	HF_HUB_OFFLINE=1 $(BIN)/metis data synth --out $(DEMO)/pool --n 1600 --seed 7 --difficulties 1,2 --categories $(DEMO_CATEGORIES) --test-frac 0 --exclude $(DEMO)/data/train.jsonl $(DEMO)/data/test.jsonl $(DEMO)/warm/train.jsonl
+	HF_HUB_OFFLINE=1 $(BIN)/metis pipeline examples/recipes/pipeline-tiny-cpu.yaml
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) $(LATEST_VENV) *.egg-info runs

@@ -119,6 +119,9 @@ class VLLMRolloutEngine:
         )
         if current_platform.is_cpu():
             kwargs["enable_chunked_prefill"] = False  # seeded sampling (module docstring)
+            # vLLM's CPU worker drops torch to 1 thread in its (the trainer's) process unless
+            # OMP_NUM_THREADS is set: keep the trainer's thread count
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         if _in_distributed_job():
             _export_launcher_variables(torch.device(device))
             kwargs["distributed_executor_backend"] = "external_launcher"
