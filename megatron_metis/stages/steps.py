@@ -141,7 +141,11 @@ def expert_step(
             report = run_expert(
                 problems, source, scorer, keep_per_prompt=cfg.expert.keep_per_prompt, out_dir=out
             )
-        return {"accepted": report["accepted"], "rejected": report["rejected"]}
+        return {
+            "accepted": report["accepted"],
+            "rejected": report["rejected"],
+            "requests": report["requests"],
+        }
 
     inputs = stage_inputs(
         cfg,
