@@ -371,7 +371,7 @@ def expert_markdown(report: Mapping[str, Any]) -> str:
     ]
     lines += [f"| {k} | {v} |" for k, v in report["rejected"].items()]
     if report["requests"]:
-        lines += ["", "| requests | count |", "|---|---:|"]
+        lines += ["", "| request counter | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in report["requests"].items()]
     lines += ["", "| category | prompts | solved |", "|---|---:|---:|"]
     lines += [f"| {k} | {v['prompts']} | {v['solved']} |" for k, v in report["by_category"].items()]
