@@ -74,7 +74,7 @@ class ExpertConfig:
     max_tokens: int = 4096
     num_samples: int = 1
     """Candidates asked per prompt (``openai``: ``n``; ``local``: samples); the first that
-    verifies is kept."""
+    verifies is kept. More than 1 needs ``temperature`` > 0."""
     cache_dir: str = ""
     """On-disk cache of endpoint answers (the resume point); empty: ``<stage dir>/cache``."""
     local_hf_dir: str = ""
@@ -96,6 +96,10 @@ class ExpertConfig:
         for key in ("max_tokens", "num_samples", "keep_per_prompt"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"expert.{key} must be >= 1, got {getattr(self, key)}")
+        # Greedy samples are all alike, and vLLM (its server and its engine) refuses n > 1 at
+        # temperature 0 with a 400: every prompt would end as a request_error reject.
+        if self.source in ("openai", "local") and self.num_samples > 1 and self.temperature == 0:
+            raise ConfigError("expert.num_samples > 1 needs expert.temperature > 0")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -57,10 +57,13 @@ REJECT_REASONS = (
 
 @dataclass
 class Proposals:
-    """Candidates per problem id, and ids whose request failed (with the redacted error)."""
+    """Candidates per problem id, ids whose request failed (with the redacted error), and the
+    source's request counters for this call (``openai``: requests sent, retries, cache hits,
+    failures; empty for the other sources)."""
 
     candidates: dict[str, list[str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
 
 
 class ExpertSource(Protocol):
@@ -153,6 +156,7 @@ class OpenAIExpert:
 
     def propose(self, problems: Sequence[Problem]) -> Proposals:
         out = Proposals()
+        before = dict(self.client.stats)
         for i, problem in enumerate(problems):
             try:
                 out.candidates[problem.id] = self.client.chat(
@@ -163,6 +167,7 @@ class OpenAIExpert:
                 out.errors[problem.id] = str(err)
             if (i + 1) % 50 == 0:
                 logger.info("expert: %d / %d prompts (%s)", i + 1, len(problems), self.client.stats)
+        out.requests = {k: v - before[k] for k, v in self.client.stats.items()}
         return out
 
 
@@ -305,7 +310,13 @@ def verify_candidates(
             rows.append({**row, "expert_source": source})
     n_candidates = sum(len(proposals.candidates.get(p.id, [])) for p in problems)
     report = expert_report(
-        problems, rows, rejects, n_candidates=n_candidates, n_changed=n_changed, source=source
+        problems,
+        rows,
+        rejects,
+        n_candidates=n_candidates,
+        n_changed=n_changed,
+        source=source,
+        requests=proposals.requests,
     )
     return ExpertOutcome(rows=rows, rejects=rejects, report=report)
 
@@ -318,8 +329,10 @@ def expert_report(
     n_candidates: int,
     n_changed: int,
     source: str,
+    requests: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Counts: prompts, prompts with an accepted trajectory, candidates, rejects by reason."""
+    """Counts: prompts, prompts with an accepted trajectory, candidates, rejects by reason, and
+    the source's request counters (``Proposals.requests``)."""
     solved = {r["problem_id"] for r in rows}
     by_category: dict[str, dict[str, int]] = {}
     for p in problems:
@@ -337,6 +350,7 @@ def expert_report(
         "accepted": len(rows),
         "rejected": {reason: reasons[reason] for reason in REJECT_REASONS},
         "by_category": dict(sorted(by_category.items())),
+        "requests": dict(requests or {}),
     }
 
 
@@ -356,6 +370,9 @@ def expert_markdown(report: Mapping[str, Any]) -> str:
         "|---|---:|",
     ]
     lines += [f"| {k} | {v} |" for k, v in report["rejected"].items()]
+    if report["requests"]:
+        lines += ["", "| request counter | count |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in report["requests"].items()]
     lines += ["", "| category | prompts | solved |", "|---|---:|---:|"]
     lines += [f"| {k} | {v['prompts']} | {v['solved']} |" for k, v in report["by_category"].items()]
     return "\n".join(lines) + "\n"

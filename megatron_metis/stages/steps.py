@@ -151,7 +151,11 @@ def expert_step(
         finally:
             if local is not None:
                 local.close()
-        return {"accepted": report["accepted"], "rejected": report["rejected"]}
+        return {
+            "accepted": report["accepted"],
+            "rejected": report["rejected"],
+            "requests": report["requests"],
+        }
 
     inputs = stage_inputs(
         cfg,

@@ -12,13 +12,13 @@ VLLM_CPU = "{enforce_eager: true, kv_cache_memory_bytes: 268435456, max_model_le
 def eval_and_triage(root: str) -> dict:
     """Greedy ``metis eval`` with the HF engine and with vLLM, then ``metis triage`` with vLLM,
     in one process (each stage's engine is closed before the next starts)."""
+    from tiny_models import perturb_norms, spread_matrices
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     from megatron_metis.config import load_config
     from megatron_metis.data.synth import write_synthetic_dataset
     from megatron_metis.models.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_qwen2_5_vl
     from megatron_metis.stages.steps import eval_step, triage_step
-
-    from tiny_models import perturb_norms, spread_matrices
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     base = Path(root)
     hf = build_tiny_qwen2_5_vl(base / "hf", hidden_size=128, num_layers=2, seed=3)

@@ -38,6 +38,7 @@ def test_stage_sections_load_and_validate():
         (["eval.pass_k=[16]"], "eval.pass_k"),
         (["expert.source=openai"], "expert.base_url"),
         (["expert.source=file"], "expert.file"),
+        (["expert.source=local", "expert.local_hf_dir=m", "expert.num_samples=2"], "temperature"),
         (["pipeline.expert_fraction=1.5"], "pipeline.expert_fraction"),
         (["eval.mode=sampled", "eval.temperature=0"], "eval.mode"),
     ]:

@@ -123,6 +123,7 @@ def test_retries_on_500_and_429_then_succeeds(tmp_path, server, monkeypatch, cap
     assert report["accepted"] == 4
     assert len(server.requests) == 4 + 3
     assert source.client.stats == {"requests": 7, "retries": 3, "cache_hits": 0, "failures": 0}
+    assert report["requests"] == source.client.stats  # the stage's report carries the counters
     assert server.auth[0] == f"Bearer {KEY}"  # the key is sent, in the header only
     first = server.requests[0]
     assert first["model"] == "stub-model" and first["messages"][0] == {
@@ -174,7 +175,9 @@ def test_wrong_expert_answers_never_reach_the_sft_rows(tmp_path, server, monkeyp
     _answer_all(server)
     server.answers["What is 1 + 2?"] = solved("4")
     source = build_expert_source(
-        _cfg(server.url, num_samples=2), system_prompt="S", cache_dir=tmp_path / "c"
+        _cfg(server.url, num_samples=2, temperature=1.0),
+        system_prompt="S",
+        cache_dir=tmp_path / "c",
     )
     report = run_expert(_problems(), source, _Scorer(), keep_per_prompt=1, out_dir=tmp_path / "o")
     assert server.requests[0]["n"] == 2
