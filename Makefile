@@ -26,13 +26,15 @@ DEMO := runs/demo
 # A changed lock rebuilds the venv from scratch, so it never keeps a package the lock dropped.
 # The lock is complete, so it installs with --no-deps, by uv: it takes each pin from the index
 # exactly (pip would take a local torch 2.13.0+cpu wheel for `torch==2.13.0` where find-links
-# offer one), and it is fast on the 6 GB of CUDA torch that vLLM's torchvision needs.
+# offer one), and it is fast on the 6 GB of CUDA torch that vLLM's torchvision needs. Bytecode is
+# compiled at install (about a minute): with PYTHONDONTWRITEBYTECODE set, as on CI machines, every
+# process the suite spawns would otherwise compile torch, transformers and vLLM again (~10 s CPU).
 # Never install transformer-engine on a CPU box: even a partial install breaks `import megatron.core`.
 $(STAMP): $(LOCK_CPU) $(LOCK_TOOLS) setup.py pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r $(LOCK_TOOLS)
-	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -r $(LOCK_CPU)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --compile-bytecode -r $(LOCK_CPU)
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	$(BIN)/python tools/pip_check.py
 	touch $(STAMP)
