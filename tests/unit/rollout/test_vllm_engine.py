@@ -7,9 +7,10 @@ What is proven, each time against transformers' own float32 model:
   vLLM reports for the tokens it sampled are the transformers model's, for a text Qwen2 with
   untied and with tied embeddings (vLLM's LM head of a tied model is reloaded too) and for
   Qwen2.5-VL on image and text prompts built by ``RolloutClient``. Before the stream they are
-  off by more than 0.1, so the comparison can fail.
+  off by more than 0.1 (by 5 and more, measured), so the comparison can fail.
 - A second stream after generating on the same images: the log-probs follow the new weights
-  (no vision embedding of the old tower survives in vLLM's caches).
+  (no vision embedding of the old tower survives in vLLM's caches; without the engine's
+  encoder-cache reset vLLM fails with "Encoder cache miss").
 - Images: vLLM expands each placeholder into exactly the trainer's prompt tokens with the run's
   pixel limits; an engine with other pixel limits refuses the request, naming it.
 - Sampling: seeded generation is reproducible on the CPU with 16 prompts (images included),
@@ -17,9 +18,9 @@ What is proven, each time against transformers' own float32 model:
   token is ever sampled (an ``<|image_pad|>`` in a response breaks the trainer's forward).
 - Sleep: ``generate`` refuses while asleep, and after ``wake(["weights"])`` alone.
 
-vLLM runs in child processes (``parallel.spawn``): its CPU worker pins torch to one thread for
-the whole process, which must not leak into the rest of the suite. Each child builds its
-engines once and returns what they sampled; the tests compare that with transformers here.
+vLLM runs in one child process (``parallel.spawn``): its CPU worker pins torch to one thread
+for the whole process, which must not leak into the rest of the suite. The child builds each
+engine once and returns what they sampled; the tests compare that with transformers here.
 Not skipped without vLLM: the locked environment always has it, and a skip would hide a broken
 install.
 """
