@@ -153,7 +153,7 @@ def vision_token_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
 
 
-# ---------------------------------------------------------------- vLLM (child processes)
+# ---------------------------------------------------------------- vLLM (the child process)
 
 
 def stream_folder(engine, folder: str) -> None:
@@ -215,7 +215,8 @@ def text_engines(folders: dict[str, tuple[str, str]], requests) -> dict:
             before = engine.generate(requests, params)
             stream_folder(engine, perturbed_dir)
             after = engine.generate(requests, params)
-            sleep = sleep_wake_outcomes(engine, requests[:1], params)
+            one_token = dataclasses.replace(params, n=1, max_new_tokens=1)
+            sleep = sleep_wake_outcomes(engine, requests[:1], one_token)
         finally:
             engine.close()
         out[case] = {"before": before, "after": after, "sleep": sleep}
