@@ -20,7 +20,8 @@ vLLM's own in-place reload (``reload_weights``), which loads layer by layer as t
 arrive and re-runs each layer's ``process_weights_after_loading`` (vLLM repacks weights after
 loading; a layer whose tensors were split over two calls would be processed half-loaded, so
 the stream is never cut into separate calls). Then the encoder, multimodal and prefix caches
-are reset: vision embeddings and KV blocks of the old weights must not survive an update.
+are reset: vision embeddings and KV blocks of the old weights must not survive an update
+(without the encoder-cache reset the next image prompt fails with "Encoder cache miss").
 
 Images: a request gives vLLM ``placeholder_prompt_ids`` (one ``<|image_pad|>`` per image) and
 the decoded images; vLLM's own processor, with the run's pixel limits as
@@ -251,23 +252,17 @@ class VLLMRolloutEngine:
             "reload_weights", kwargs={"weights_iterator": self._cast(named_tensors)}
         )
         self.llm.llm_engine.reset_encoder_cache()  # the scheduler's view and the worker's
-        self.llm.reset_mm_cache()  # the processor cache: it would skip re-encoding an image
         self.llm.reset_prefix_cache()
         self.needs_weights = False
 
     def _cast(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        sent_head = False
-        embedding = None
         for name, tensor in named_tensors:
             tensor = tensor.to(self.weight_dtype)
-            sent_head = sent_head or name == "lm_head.weight"
-            if self.tied_embeddings and name.endswith("embed_tokens.weight"):
-                embedding = tensor
             yield name, tensor
-        if self.tied_embeddings and not sent_head and embedding is not None:
-            yield "lm_head.weight", embedding
+            if self.tied_embeddings and name.endswith("embed_tokens.weight"):
+                yield "lm_head.weight", tensor  # right away: never hold it for the stream
 
     def checksum(self, names: Sequence[str]) -> list[TensorChecksum]:
         raise NotImplementedError(
