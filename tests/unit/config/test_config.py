@@ -123,3 +123,28 @@ def test_fp8_or_transformer_engine_without_a_gpu_is_a_clear_error():
             load_config(None, ["model.transformer_impl=transformer_engine"]).model, cpu
         )
     assert use_transformer_engine(load_config(None).model, cpu) is False
+
+
+def test_a_removed_key_is_an_error_that_says_why():
+    with pytest.raises(ConfigError, match=r"rollout.weight_bucket_mb was removed: .*one reload"):
+        load_config(None, ["rollout.weight_bucket_mb=512"])
+
+
+VLLM = ["rollout.backend=vllm", "rollout.verify_weights=logprobs"]
+
+
+@pytest.mark.parametrize(
+    ("tp", "vllm_tp", "ok"),
+    [(2, 2, True), (4, 2, True), (2, 1, True), (1, 2, False), (4, 3, False)],
+)
+def test_a_vllm_engine_must_lie_inside_one_tensor_parallel_group(tp, vllm_tp, ok):
+    """vLLM's external launcher makes blocks of consecutive ranks one engine: a block that
+    crosses a TP group spans data-parallel replicas, which sample different prompts."""
+    overrides = [*VLLM, f"parallel.tp={tp}", f"rollout.vllm_tensor_parallel_size={vllm_tp}"]
+    if ok:
+        assert load_config(None, overrides).rollout.vllm_tensor_parallel_size == vllm_tp
+    else:
+        with pytest.raises(ConfigError, match="must divide parallel.tp"):
+            load_config(None, overrides)
+    # the HF engine has no such groups
+    load_config(None, [f"parallel.tp={tp}", f"rollout.vllm_tensor_parallel_size={vllm_tp}"])

@@ -34,3 +34,16 @@ def test_dropped_weights_are_streamed_again_even_without_an_update(assets):
     hf, data, root = assets
     steps = spawn(session_worker, 1, hf, data, str(root / "drop"), True, timeout_s=300)[0]
     assert steps == [STREAM, STREAM, STREAM]
+
+
+def test_one_rank_scores_and_every_engine_rank_takes_its_decisions(assets):
+    """At TP=2 with an engine on both ranks (vLLM's SPMD layout), rank 1's verifier would fail
+    (a timeout): only the generator scores, each round's verdicts are broadcast, and both ranks
+    make the same generate calls (2 rounds: the first round's groups are all filtered)."""
+    from trainer_worker import collect_worker
+
+    hf, data, root = assets
+    ranks = spawn(collect_worker, 2, hf, data, str(root / "collect"), timeout_s=300)
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["generate_calls"] == 2 and ranks[0]["rounds"] == 2
+    assert len(ranks[0]["groups"]) == 2

@@ -277,3 +277,72 @@ def session_worker(hf_dir: str, data: str, out: str, drops_weights: bool) -> lis
         steps.append(list(engine.calls))
     rt.ctx.destroy()
     return steps
+
+
+class CountingEngine:
+    """A rollout engine on every rank (as vLLM's are): counts the ``generate`` calls."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.generate_calls = inner, 0
+
+    def generate(self, requests, params):
+        self.generate_calls += 1
+        return self.inner.generate(requests, params)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class RoundScorer:
+    """Round 1: every response right (all groups filtered); later rounds: alternating verdicts
+    (every group kept). Counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, responses, golds, *, choices=None):
+        from megatron_metis.rewards.scorer import ScoreBatch
+
+        self.calls += 1
+        acc = (
+            [1.0] * len(responses)
+            if self.calls == 1
+            else [float(i % 2) for i in range(len(responses))]
+        )
+        return ScoreBatch(rewards=acc, accuracy=acc, format=[1.0] * len(acc), metrics={})
+
+
+class FailingScorer:
+    """What a rank's verifier looks like when it times out: any call fails."""
+
+    def score(self, responses, golds, *, choices=None):
+        raise TimeoutError("this rank's verifier timed out")
+
+
+def collect_worker(hf_dir: str, data: str, out: str) -> dict:
+    """Dynamic sampling at TP=2 with an engine on both ranks (vLLM's layout) and a verifier that
+    would fail on rank 1: the generator scores, both ranks take its decisions."""
+    from megatron_metis.data import load_problems
+    from megatron_metis.rollout.hf_engine import HFRolloutEngine
+    from megatron_metis.trainer import rl_steps
+    from megatron_metis.trainer.state import DataCursor
+
+    torch.set_num_threads(1)
+    grpo = ["grpo.group_size=2", "grpo.num_prompts_per_step=2", "grpo.max_sampling_rounds=3"]
+    extra = ["parallel.tp=2", "grpo.filter_on=accuracy", "rollout.max_new_tokens=8", *grpo]
+    cfg = load_config(None, overrides(hf_dir, data, out, *extra))
+    rt, _ = build_runtime(cfg, phase="rl", total_steps=1)
+    engine = CountingEngine(HFRolloutEngine.from_pretrained(rt.hf_dir, cfg.rollout))
+    client = build_client(rt, engine)
+    scorer = RoundScorer() if rt.is_generator else FailingScorer()
+    problems = load_problems(list(cfg.data.train_files), cfg.data, rt.tokenizer).problems[:8]
+    cursor = DataCursor(num_items=len(problems), seed=0)
+    batch = rl_steps.collect_rollouts(rt, client, scorer, problems, cursor, step=0)
+    result = {
+        "generate_calls": engine.generate_calls,
+        "groups": [g.problem.id for g in batch.groups],
+        "rounds": batch.sums["groups_rounds"],
+        "cursor": (batch.cursor.epoch, batch.cursor.index),
+    }
+    rt.ctx.destroy()
+    return result
