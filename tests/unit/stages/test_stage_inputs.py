@@ -84,7 +84,8 @@ def _fake_triage_internals(monkeypatch, calls: list) -> None:
     class Model:
         tokenizer = None
 
-    monkeypatch.setattr(steps, "load_client", lambda *a, **k: Model())
+    # a client is a context manager (it closes its engine)
+    monkeypatch.setattr(steps, "load_client", lambda *a, **k: contextlib.nullcontext(Model()))
     monkeypatch.setattr(steps, "_problems", lambda *a, **k: [])
     monkeypatch.setattr(steps, "RewardScorer", lambda cfg: contextlib.nullcontext())
 
