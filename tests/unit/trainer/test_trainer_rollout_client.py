@@ -78,7 +78,12 @@ def test_rl_sampling_parameters_come_from_the_config():
     client = RolloutClient(engine, build_tiny_tokenizer(), system_prompt="")
     problems = [Problem(id=f"p{i}", question="q", answer="1") for i in range(2)]
     groups, sums, _ = generate_and_score(
-        SimpleNamespace(cfg=cfg), client, _Scorer(), problems, seed=1234
+        # one process: the generator, no model-parallel peers to broadcast to
+        SimpleNamespace(cfg=cfg, is_generator=True, ctx=SimpleNamespace(tp=1, pp=1, cp=1)),
+        client,
+        _Scorer(),
+        problems,
+        seed=1234,
     )
     [params] = engine.params
     assert params == sampling_params(cfg.rollout, n=3, seed=1234)
